@@ -1,0 +1,38 @@
+# The two entry points a new user needs (see README): `make run` and `make test`.
+# Both create/update .venv and install genbench with constraints.txt first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.genbench-installed
+SUITE  ?= quick
+OUT    ?= results/$(SUITE)
+ARGS   ?=
+
+.PHONY: run test test-slow bench lint typecheck install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/genbench run --suite $(SUITE) --out $(OUT) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m benchmark --benchmark-enable $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check benchmark defenses attacks threat_models tests
+	$(BIN)/mypy benchmark defenses attacks threat_models
+
+clean:
+	rm -rf $(VENV) results/quick results/digits .pytest_cache

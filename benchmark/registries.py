@@ -1,0 +1,62 @@
+"""The registries of genbench, with the built-in plug-ins as lazy entries.
+
+Third-party packages add to ``DEFENSES``, ``ATTACKS`` and ``THREAT_MODELS`` through the
+entry-point groups ``genbench.defenses``, ``genbench.attacks`` and ``genbench.threat_models``
+(their names then appear as ``dist/name``). Suites may also name any ``module:Class`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from benchmark.attack import Attack
+from benchmark.registry import ENTRY_POINT_GROUPS, Registry
+from benchmark.threat import ThreatModel
+
+DefenseFactory = Callable[..., nn.Module]
+
+DEFENSES: Registry[DefenseFactory] = Registry(
+    "defense", entry_point_group=ENTRY_POINT_GROUPS["defense"])
+ATTACKS: Registry[type[Attack]] = Registry(
+    "attack", entry_point_group=ENTRY_POINT_GROUPS["attack"])
+THREAT_MODELS: Registry[type[ThreatModel]] = Registry(
+    "threat model", entry_point_group=ENTRY_POINT_GROUPS["threat model"])
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+TRAINERS: Registry[Callable[..., Any]] = Registry("trainable model")
+
+for _name, _ref in {
+    "linf": "threat_models.linf:LinfThreat",
+    "l2": "threat_models.l2:L2Threat",
+    "stadv": "threat_models.stadv:StAdvThreat",
+    "unrestricted": "threat_models.unrestricted:UnrestrictedThreat",
+}.items():
+    THREAT_MODELS.add(_name, _ref)
+
+for _name, _ref in {
+    "pgd": "attacks.pgd:PGD",
+    "eot": "attacks.eot:EOT",
+    "bpda": "attacks.bpda:BPDA",
+    "stadv": "attacks.stadv:StAdv",
+    "autoattack": "attacks.autoattack:AutoAttack",
+    "torchattacks": "attacks.torchattacks_adapter:TorchAttacks",
+}.items():
+    ATTACKS.add(_name, _ref)
+
+for _name, _ref in {
+    "undefended": "defenses.baseline:Undefended",
+}.items():
+    DEFENSES.add(_name, _ref)
+
+for _name, _ref in {
+    "digits": "benchmark.data.digits:load_digits",
+    "cifar10": "benchmark.data.cifar10:load_cifar10",
+}.items():
+    DATASETS.add(_name, _ref)
+
+for _name, _ref in {
+    "classifier": "benchmark.train.classifier:train",
+}.items():
+    TRAINERS.add(_name, _ref)
