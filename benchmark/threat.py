@@ -30,10 +30,26 @@ CHECK_ATOL = 1e-5
 
 @dataclass(frozen=True)
 class Violation:
-    """Which samples broke the threat model, and why (one reason per offending sample)."""
+    """Which samples broke the threat model, and why.
+
+    ``per_sample[i]`` is the reason sample ``i`` violates (``None`` where it does not);
+    ``mask`` is the corresponding boolean tensor.
+    """
 
     mask: Tensor  # bool, shape (B,)
-    reasons: tuple[str, ...]
+    per_sample: tuple[str | None, ...]
+
+    @classmethod
+    def from_reasons(cls, reasons: dict[int, str], batch: int, device: torch.device
+                     ) -> Violation:
+        mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        if reasons:
+            mask[list(reasons)] = True
+        return cls(mask=mask, per_sample=tuple(reasons.get(i) for i in range(batch)))
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(r for r in self.per_sample if r is not None)
 
     def __str__(self) -> str:
         n = int(self.mask.sum())
@@ -89,29 +105,28 @@ class ThreatModel(ABC):
         return 2.5 * self.eps / max(int(steps), 1)
 
     # -- verification --------------------------------------------------------------------
-    def _base_violations(self, x: Tensor, x_adv: Tensor) -> tuple[Tensor, list[str]]:
+    def _base_violations(self, x: Tensor, x_adv: Tensor) -> dict[int, str]:
+        """Reasons (by sample index) for non-finite values and pixels outside [0, 1]."""
         if x_adv.shape != x.shape:
             raise ValueError(f"x_adv has shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}")
         flat = _per_sample(x_adv)
         bad = ~torch.isfinite(flat).all(dim=1)
-        reasons = ["non-finite values"] * int(bad.sum())
+        reasons = {i: "non-finite values" for i in bad.nonzero().flatten().tolist()}
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-        box = (lo < -CHECK_ATOL) | (hi > 1 + CHECK_ATOL)
-        reasons += [f"outside the pixel box [0,1] (min {a:.4g}, max {b:.4g})"
-                    for a, b in zip(lo[box & ~bad].tolist(), hi[box & ~bad].tolist(), strict=True)]
-        return bad | box, reasons
+        box = ((lo < -CHECK_ATOL) | (hi > 1 + CHECK_ATOL)) & ~bad
+        for i in box.nonzero().flatten().tolist():
+            reasons[i] = f"outside the pixel box [0,1] (min {lo[i]:.4g}, max {hi[i]:.4g})"
+        return reasons
 
     def violations(self, x: Tensor, x_adv: Tensor, params: Tensor | None = None) -> Violation:
         """Per-sample check; ``mask`` is all-False when everything is within the budget."""
-        mask, reasons = self._base_violations(x, x_adv)
-        ok = ~mask
-        if ok.any():
+        reasons = self._base_violations(x, x_adv)
+        if len(reasons) < len(x):
             dist = self.distance(x, x_adv, params)
-            over = ok & ~(dist <= self.eps * (1 + 1e-4) + CHECK_ATOL)
-            reasons += [f"{self.name} distance {d:.6g} > eps {self.eps:.6g}"
-                        for d in dist[over].tolist()]
-            mask = mask | over
-        return Violation(mask=mask, reasons=tuple(reasons))
+            over = ~(dist <= self.eps * (1 + 1e-4) + CHECK_ATOL)
+            for i in over.nonzero().flatten().tolist():
+                reasons.setdefault(i, f"{self.name} distance {dist[i]:.6g} > eps {self.eps:.6g}")
+        return Violation.from_reasons(reasons, len(x), x.device)
 
     def check(self, x: Tensor, x_adv: Tensor, params: Tensor | None = None) -> Violation | None:
         v = self.violations(x, x_adv, params)

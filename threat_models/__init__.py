@@ -1,7 +1,7 @@
 """Threat models: l-inf, l2, StAdv (spatial flow) and unrestricted (pixel box only)."""
 
-from threat_models.linf import LinfThreat
 from threat_models.l2 import L2Threat
+from threat_models.linf import LinfThreat
 from threat_models.stadv import StAdvThreat
 from threat_models.unrestricted import UnrestrictedThreat
 

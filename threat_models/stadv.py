@@ -85,22 +85,19 @@ class StAdvThreat(ThreatModel):
         return params.reshape(params.shape[0], -1).abs().amax(dim=1)
 
     def violations(self, x: Tensor, x_adv: Tensor, params: Tensor | None = None) -> Violation:
-        mask, reasons = self._base_violations(x, x_adv)
-        if params is None:
-            return Violation(mask=torch.ones_like(mask),
-                             reasons=("StAdv result carries no flow field to verify",))
-        if params.shape != (x.shape[0], x.shape[2], x.shape[3], 2):
-            return Violation(mask=torch.ones_like(mask),
-                             reasons=(f"flow has shape {tuple(params.shape)}, expected "
-                                      f"{(x.shape[0], x.shape[2], x.shape[3], 2)}",))
-        ok = ~mask
+        reasons = self._base_violations(x, x_adv)
+        expected = (x.shape[0], x.shape[2], x.shape[3], 2)
+        if params is None or tuple(params.shape) != expected:
+            why = ("StAdv result carries no flow field to verify" if params is None else
+                   f"flow has shape {tuple(params.shape)}, expected {expected}")
+            return Violation.from_reasons(dict.fromkeys(range(len(x)), why), len(x), x.device)
         dist = self.distance(x, x_adv, params)
-        over = ok & ~(dist <= self.eps + CHECK_ATOL)
-        reasons += [f"flow component {d:.6g} > bound {self.eps:.6g}" for d in dist[over].tolist()]
-        mask = mask | over
+        over = ~(dist <= self.eps + CHECK_ATOL)
+        for i in over.nonzero().flatten().tolist():
+            reasons.setdefault(i, f"flow component {dist[i]:.6g} > bound {self.eps:.6g}")
         with torch.no_grad():
             err = (self.apply(x, params.to(x.dtype)) - x_adv).reshape(len(x), -1).abs().amax(1)
-        mismatch = ~mask & ~(err <= 1e-4)
-        reasons += [f"x_adv is not the warp of x by its flow (max error {e:.3g})"
-                    for e in err[mismatch].tolist()]
-        return Violation(mask=mask | mismatch, reasons=tuple(reasons))
+        for i in (~(err <= 1e-4)).nonzero().flatten().tolist():
+            reasons.setdefault(i, f"x_adv is not the warp of x by its flow (max error "
+                                  f"{err[i]:.3g})")
+        return Violation.from_reasons(reasons, len(x), x.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.threat import ThreatModel
+from benchmark.threat import ThreatModel, Violation
 
 
 class UnrestrictedThreat(ThreatModel):
@@ -39,8 +39,5 @@ class UnrestrictedThreat(ThreatModel):
     def default_step(self, steps: int) -> float:
         return 2.5 / max(int(steps), 1)
 
-    def violations(self, x, x_adv, params=None):  # type: ignore[no-untyped-def]
-        from benchmark.threat import Violation
-
-        mask, reasons = self._base_violations(x, x_adv)
-        return Violation(mask=mask, reasons=tuple(reasons))
+    def violations(self, x: Tensor, x_adv: Tensor, params: Tensor | None = None) -> Violation:
+        return Violation.from_reasons(self._base_violations(x, x_adv), len(x), x.device)

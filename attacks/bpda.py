@@ -1,0 +1,86 @@
+"""Backward Pass Differentiable Approximation (Athalye et al. 2018).
+
+The forward pass is the real defense, ``head(purify(x))``; the backward pass differentiates
+``defense.surrogate()`` (identity by default) in place of ``purify``, straight-through:
+
+    s  = surrogate(x)
+    xp = s + (purify(x) - s).detach()     # value of purify(x), gradient of surrogate(x)
+    logits = head(xp)
+
+``BPDA(attack="pgd", **inner_params)`` runs any attack with a ``forward`` hook (PGD, StAdv,
+and EOT around them: ``BPDA(attack="eot", draws=20)``) through this view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attacks.eot import accepts
+from benchmark.attack import Attack, AttackResult, Budget, Forward
+from benchmark.defense import has_capability
+from benchmark.threat import ThreatModel
+
+
+def bpda_forward(defense: nn.Module) -> Forward:
+    """The straight-through view of ``defense`` described in the module docstring."""
+    parts: Any = defense  # a Defense; nn.Module's attribute typing does not know its parts
+    surrogate, purify, head = parts.surrogate(), parts.purify, parts.head
+
+    def forward(x: Tensor) -> Tensor:
+        s = surrogate(x)
+        # purify may run its own optimization (with autograd inside): give it a detached input
+        # and keep only its value.
+        real = purify(x.detach()).detach()
+        return head(s + (real - s).detach())
+
+    return forward
+
+
+class BPDA(Attack):
+    """Runs an inner attack against the BPDA view of a defense with a purification stage."""
+
+    name: ClassVar[str] = "bpda"
+    requires: ClassVar[frozenset[str]] = frozenset({"kind:classifier", "purify"})
+
+    def __init__(self, *, attack: str = "pgd", **inner_params: Any) -> None:
+        from benchmark.registries import ATTACKS
+
+        if "forward" in inner_params:
+            raise TypeError("BPDA sets the inner attack's forward hook itself; do not pass one")
+        cls: Callable[..., Attack] = ATTACKS.get(attack)
+        if not accepts(cls, "forward"):
+            raise TypeError(f"attack {attack!r} ({getattr(cls, '__name__', cls)}) "
+                            "takes no forward hook, so BPDA cannot wrap it")
+        self.attack = attack
+        self.inner_params = dict(inner_params)
+        self._inner: Attack = cls(forward=bpda_forward, **inner_params)
+
+    @property
+    def inner(self) -> Attack:
+        return self._inner
+
+    @property
+    def budget(self) -> Budget:
+        return self._inner.budget
+
+    def config(self) -> dict[str, Any]:
+        return {"attack": self.attack, **self.inner_params}
+
+    def incompatibility(self, defense: nn.Module, threat: ThreatModel) -> str | None:
+        own = super().incompatibility(defense, threat)
+        if own is not None:
+            return own
+        if not has_capability(defense, "head"):
+            return (f"{self.name} requires head (the classifier after purify), "
+                    "which the defense does not declare")
+        return self._inner.incompatibility(defense, threat)
+
+    def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+            generator: torch.Generator | None = None) -> AttackResult:
+        result = self._inner.run(defense, x, y, threat, generator=generator)
+        result.extras.setdefault("gradient", "bpda")
+        return result

@@ -1,0 +1,103 @@
+"""Expectation over Transformation (Athalye et al. 2018) for stochastic defenses.
+
+Gradient attacks here take an ``eot_draws`` parameter: each sample is repeated ``eot_draws``
+times along the batch dimension and passed through the defense in *one* forward, and the
+per-sample loss is the mean over the draws. :class:`EOT` is the registry-facing wrapper that
+builds any such attack by name with a given number of draws:
+
+    EOT(attack="pgd", draws=20, steps=200, loss="margin")
+
+A draw-averaged iterate counts as a success only if the *majority* of its draws misclassify,
+never on one lucky draw.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attacks.losses import Loss
+from benchmark.attack import Attack, AttackResult, Budget, Forward
+from benchmark.threat import ThreatModel
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1, or a ValueError naming the bad value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def accepts(cls: Callable[..., Any], param: str) -> bool:
+    """Whether ``cls(...)`` accepts the keyword ``param`` (explicitly or through ``**kwargs``)."""
+    sig = inspect.signature(cls)
+    return param in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def evaluate_draws(forward: Forward, x_adv: Tensor, y: Tensor, loss: Loss, draws: int
+                   ) -> tuple[Tensor, Tensor]:
+    """One batched forward of ``draws`` copies of every sample.
+
+    Returns the per-sample loss averaged over the draws (B,) and the per-sample success
+    (B,) bool: strictly more than half of the draws misclassify (any draw when ``draws == 1``).
+    Non-finite losses never count as successes.
+    """
+    b = x_adv.shape[0]
+    rep = x_adv.repeat_interleave(draws, dim=0) if draws > 1 else x_adv
+    y_rep = y.repeat_interleave(draws) if draws > 1 else y
+    logits = forward(rep)
+    if logits.dim() != 2 or logits.shape[0] != b * draws:
+        raise RuntimeError(f"the defense returned shape {tuple(logits.shape)} for a batch of "
+                           f"{b * draws}; expected logits of shape ({b * draws}, num_classes)")
+    losses = loss(logits, y_rep).view(b, draws).mean(dim=1)
+    wrong = (logits.argmax(dim=1) != y_rep).view(b, draws).float().mean(dim=1) > 0.5
+    return losses, wrong & torch.isfinite(losses)
+
+
+class EOT(Attack):
+    """Any gradient attack with an ``eot_draws`` parameter, run with ``draws`` draws per step.
+
+    ``EOT(attack="pgd", draws=20, **inner_params)`` builds ``ATTACKS[attack](eot_draws=draws,
+    **inner_params)``; the requirements, threat models and budget are the inner attack's.
+    """
+
+    name = "eot"
+
+    def __init__(self, *, attack: str = "pgd", draws: int = 20, **inner_params: Any) -> None:
+        from benchmark.registries import ATTACKS
+
+        self.attack = attack
+        self.draws = check_positive_int(draws, "draws")
+        if "eot_draws" in inner_params:
+            raise TypeError("EOT takes the number of draws as draws=, not eot_draws=")
+        cls: Callable[..., Attack] = ATTACKS.get(attack)
+        if not accepts(cls, "eot_draws"):
+            raise TypeError(f"attack {attack!r} ({getattr(cls, '__name__', cls)}) "
+                            "takes no eot_draws parameter, so EOT cannot wrap it")
+        self.inner_params = dict(inner_params)
+        self._inner: Attack = cls(eot_draws=self.draws, **inner_params)
+
+    @property
+    def inner(self) -> Attack:
+        return self._inner
+
+    @property
+    def budget(self) -> Budget:
+        return self._inner.budget
+
+    def config(self) -> dict[str, Any]:
+        # Flat, so that EOT(**config()) rebuilds the attack; hooks (callables) are not config.
+        extra = {k: v for k, v in self.inner_params.items() if not callable(v)}
+        return {"attack": self.attack, "draws": self.draws, **extra}
+
+    def incompatibility(self, defense: nn.Module, threat: ThreatModel) -> str | None:
+        return self._inner.incompatibility(defense, threat)
+
+    def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+            generator: torch.Generator | None = None) -> AttackResult:
+        return self._inner.run(defense, x, y, threat, generator=generator)

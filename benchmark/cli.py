@@ -1,0 +1,188 @@
+"""The ``genbench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmark.registry import PluginLoadError, UnknownNameError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    pass
+
+
+def _registries() -> dict[str, Any]:
+    from benchmark.registries import ATTACKS, DATASETS, DEFENSES, THREAT_MODELS, TRAINERS
+
+    return {"defenses": DEFENSES, "attacks": ATTACKS, "threat-models": THREAT_MODELS,
+            "datasets": DATASETS, "trainable": TRAINERS}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "suites":
+        from benchmark.suite import load_suite, shipped_suites
+
+        for name in shipped_suites():
+            print(f"{name}\t{load_suite(name).description}")
+        return 0
+    if args.what == "models":
+        from benchmark.zoo import get_entry, list_models
+
+        for name in list_models():
+            entry = get_entry(name)
+            print(f"{name}\t{entry.dataset}\t{entry.sha256[:12]}")
+        return 0
+    reg = _registries()[args.what]
+    for name in reg.names():
+        try:
+            prov = str(reg.provenance(name))
+        except Exception as exc:  # a broken plug-in is listed with a warning, not a crash
+            print(f"warning: {reg.kind} {name!r} failed to load: {exc}", file=sys.stderr)
+            prov = "failed to load"
+        print(f"{name}\t{prov}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.harness import default_progress, run_suite
+    from benchmark.leaderboard import read_csv, render_markdown
+    from benchmark.suite import load_suite
+
+    suite = load_suite(args.suite)
+    out = Path(args.out) if args.out else Path("results") / suite.name
+    progress = args.progress or default_progress()
+    summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
+                        device=args.device, limit=args.limit, fresh=args.fresh,
+                        retry_errors=args.retry_errors, progress=progress,
+                        ray_address=getattr(args, "ray_address", None))
+    if progress != "none":
+        print(render_markdown(read_csv(summary.leaderboard_csv)))
+    print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
+          f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "
+          f"wrote {summary.leaderboard_csv} and {summary.leaderboard_md}", file=sys.stderr)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.harness import code_version, plan_suite
+    from benchmark.leaderboard import build_leaderboard, render_markdown
+    from benchmark.store import Store
+    from benchmark.suite import parse_suite
+
+    run = Path(args.run)
+    db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
+    for p in (db, suite_file, plan_file):
+        if not p.exists():
+            raise CLIError(f"{run} is not a genbench run folder: {p.name} is missing "
+                           "(expected the --out folder of `genbench run`)")
+    suite = parse_suite(suite_file.read_text(), source=str(suite_file))
+    limit = json.loads(plan_file.read_text()).get("limit")
+    plan = plan_suite(suite, limit=limit)
+    with Store(db) as store:
+        frame = build_leaderboard(store, plan, code_version())
+    if args.format == "csv":
+        from benchmark.leaderboard import _csv_safe
+
+        safe = frame.copy()
+        for col in safe.columns:
+            if safe[col].dtype == object:
+                safe[col] = safe[col].map(_csv_safe)
+        safe.to_csv(sys.stdout, index=False, float_format="%.6g")
+    else:
+        print(render_markdown(frame, plan))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from benchmark.registries import TRAINERS
+
+    trainer = TRAINERS.get(args.model)
+    kwargs: dict[str, Any] = dict(dataset=args.dataset, seed=args.seed,
+                                  progress=(args.progress != "none"))
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    if args.max_steps is not None:
+        kwargs["max_steps"] = args.max_steps
+    if args.out is not None:
+        kwargs["out_dir"] = args.out
+        kwargs["register"] = False
+    info = trainer(**kwargs)
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genbench", description=(
+        "Adversarial-robustness benchmark for generative-model defenses."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="list registered plug-ins, suites or zoo models")
+    ls.add_argument("what", choices=["defenses", "attacks", "threat-models", "suites", "models",
+                                     "datasets", "trainable"])
+    ls.set_defaults(func=cmd_list)
+
+    run = sub.add_parser("run", help="run (or resume) a suite")
+    run.add_argument("--suite", required=True, help="shipped suite name or path to a .toml")
+    run.add_argument("--out", help="run folder (default: results/<suite>)")
+    run.add_argument("--executor", choices=["local", "process", "ray"], default="local")
+    run.add_argument("--workers", type=int, help="workers for process/ray executors")
+    run.add_argument("--ray-address", dest="ray_address", help="Ray cluster address")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    run.add_argument("--limit", type=int, help="evaluate only the first N samples of the subset")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over (the previous store is moved aside, not deleted)")
+    run.add_argument("--retry-errors", action="store_true", help="re-run jobs that errored")
+    run.add_argument("--progress", choices=["bar", "plain", "none"],
+                     help="progress display (default: bar on a terminal, plain otherwise)")
+    run.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("leaderboard", help="print a run's leaderboard from its store")
+    lb.add_argument("--run", required=True, help="run folder (the --out of genbench run)")
+    lb.add_argument("--format", choices=["csv", "md"], default="md")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    tr = sub.add_parser("train", help="train a zoo model on a bundled dataset")
+    tr.add_argument("model", help="what to train (see `genbench list trainable`)")
+    tr.add_argument("--dataset", default="digits")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--max-steps", type=int, dest="max_steps")
+    tr.add_argument("--out", help="write weights here instead of the shipped zoo")
+    tr.add_argument("--progress", choices=["bar", "plain", "none"], default="bar")
+    tr.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from benchmark.store import StoreError
+    from benchmark.suite import SuiteError
+
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("genbench: interrupted; finished jobs are stored, run again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CLIError, SuiteError, UnknownNameError, PluginLoadError, StoreError, ValueError,
+            TypeError, FileNotFoundError, KeyError, OSError) as exc:
+        if os.environ.get("GENBENCH_DEBUG") == "1":
+            raise
+        msg = str(exc)
+        if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError):
+            msg = str(exc.args[0]) if exc.args else msg
+        print(f"genbench: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Executors run jobs and stream (job, result) pairs back to the driver, which alone writes the
+store. ``local`` runs in-process; ``process`` runs one spawned worker per device (pinned with
+``CUDA_VISIBLE_DEVICES``) or, on a CPU machine, per share of the cores. The optional ``ray``
+executor lives in :mod:`benchmark.executors_ray`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Protocol
+
+from benchmark.jobs import JobResult, JobSpec
+from benchmark.runner import execute
+
+
+class Executor(Protocol):
+    name: str
+
+    def map(self, jobs: Sequence[JobSpec]) -> Iterator[tuple[JobSpec, JobResult]]: ...
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device
+
+    def map(self, jobs: Sequence[JobSpec]) -> Iterator[tuple[JobSpec, JobResult]]:
+        for job in jobs:
+            yield job, execute(job, self.device)
+
+
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(slots: mp.Queue, threads: int) -> None:  # type: ignore[type-arg]
+    global _WORKER_DEVICE
+    slot = slots.get()
+    if slot is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
+        _WORKER_DEVICE = "cuda"
+    else:
+        _WORKER_DEVICE = "cpu"
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(job: JobSpec) -> JobResult:
+    return execute(job, _WORKER_DEVICE)
+
+
+class ProcessExecutor:
+    """One spawned worker process per GPU (or ``workers`` CPU workers sharing the cores)."""
+
+    name = "process"
+
+    def __init__(self, workers: int | None = None, device: str | None = None) -> None:
+        import torch
+
+        gpus = torch.cuda.device_count() if device in (None, "auto", "cuda") else 0
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.slots: list[int | None]
+        if gpus:
+            n = workers or gpus
+            self.slots = [i % gpus for i in range(n)]
+        else:
+            n = workers or max(1, min(2, os.cpu_count() or 1))
+            self.slots = [None] * n
+        self.threads = max(1, (os.cpu_count() or 1) // n)
+
+    def map(self, jobs: Sequence[JobSpec]) -> Iterator[tuple[JobSpec, JobResult]]:
+        if not jobs:
+            return
+        ctx = mp.get_context("spawn")
+        slots = ctx.Queue()
+        for s in self.slots:
+            slots.put(s)
+        with ProcessPoolExecutor(max_workers=len(self.slots), mp_context=ctx,
+                                 initializer=_init_worker,
+                                 initargs=(slots, self.threads)) as pool:
+            pending: dict[Future[JobResult], JobSpec] = {
+                pool.submit(_run_in_worker, job): job for job in jobs}
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job = pending.pop(fut)
+                        yield job, fut.result()
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+
+def make_executor(name: str, *, workers: int | None = None, device: str | None = None,
+                  ray_address: str | None = None) -> Executor:
+    if name == "local":
+        return LocalExecutor(device)
+    if name == "process":
+        return ProcessExecutor(workers, device)
+    if name == "ray":
+        try:
+            from benchmark.executors_ray import RayExecutor
+        except ImportError as exc:
+            raise ValueError(f"executor 'ray' is not available ({exc}); "
+                             "install the extra: pip install 'genbench[ray]'") from exc
+        return RayExecutor(workers=workers, address=ray_address)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown executor {name!r}; expected one of local, process, ray")

@@ -1,0 +1,240 @@
+"""Leaderboards derived from the store (never edited by hand).
+
+One row per (defense, attack, threat model, epsilon) plus a ``worst_case`` row per (defense,
+threat model, epsilon): a sample counts as robust there only if every attack failed on it.
+Accuracies are numbers in [0, 1] with n and a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from benchmark.flags import compute_flags
+from benchmark.jobs import CLEAN
+from benchmark.scoring import aggregate
+from benchmark.store import Store
+
+if TYPE_CHECKING:
+    from benchmark.harness import Plan
+
+WORST = "worst_case"
+
+COLUMNS = [
+    "suite", "dataset", "subset_id", "subset_hash", "defense", "attack", "threat_model", "eps",
+    "n", "clean_acc", "clean_ci_low", "clean_ci_high", "robust_acc", "robust_ci_low",
+    "robust_ci_high", "robust_acc_mean", "robust_acc_worst_of_k", "stochastic", "k_draws",
+    "eot_draws", "steps", "restarts", "nfe_per_pred", "grad_evals", "wall_s", "seed",
+    "code_version", "plugin_versions", "n_errors", "strongest_attack", "flags", "error",
+    "defense_name", "attack_name", "defense_params", "attack_params",
+]
+
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _group_key(job: dict[str, Any]) -> tuple[str, str]:
+    spec = job["spec"]
+    return spec["defense"]["id"], json.dumps(spec["defense_params"], sort_keys=True)
+
+
+def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFrame:
+    """Rows for the plan's jobs, from the store (missing jobs are simply absent)."""
+    keys = [j.key for j in plan.jobs]
+    jobs = store.jobs(keys)
+    samples = store.samples(r["key"] for r in jobs)
+    suite = plan.suite
+
+    clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    clean_k: dict[tuple[str, str], int] = {}
+    clean_err: dict[tuple[str, str], str] = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        dkey = _group_key(job)
+        if job["attack"] == CLEAN:
+            if job["status"] != "done":
+                clean_err[dkey] = job["error"]
+            clean_k[dkey] = job["k"]
+            for sid, correct, _, _ in samples[job["key"]]:
+                clean[dkey][sid] = correct
+        else:
+            groups[(*dkey, job["attack"], job["threat"], job["eps"])].append(job)
+
+    rows: list[dict[str, Any]] = []
+    per_sample: dict[tuple[Any, ...], dict[int, int]] = {}
+    for (did, dparams, aid, threat, eps), members in sorted(groups.items(), key=str):
+        dkey = (did, dparams)
+        first = members[0]
+        spec = first["spec"]
+        k = first["k"]
+        errors = [m["error"] for m in members if m["status"] != "done"]
+        adv: dict[int, int] = {}
+        n_err = 0
+        for m in members:
+            for sid, correct, _, err in samples[m["key"]]:
+                adv[sid] = correct
+                n_err += err is not None
+        row = _base_row(suite, plan, spec, code_version)
+        row.update(defense=did, attack=aid, threat_model=threat, eps=eps,
+                   stochastic=bool(first["stochastic"]), k_draws=k,
+                   steps=first["budget"].get("steps"), restarts=first["budget"].get("restarts"),
+                   eot_draws=first["budget"].get("eot_draws"), nfe_per_pred=first["nfe_per_pred"],
+                   grad_evals=sum(m["grad_evals"] for m in members),
+                   wall_s=sum(m["wall_s"] for m in members), n_errors=n_err,
+                   attack_name=spec["attack"]["name"],
+                   attack_params=json.dumps(spec["attack"]["params"], sort_keys=True),
+                   plugin_versions=_versions(members))
+        if errors or dkey in clean_err:
+            if dkey in clean_err:
+                errors.append(f"clean scoring failed: {clean_err[dkey]}")
+            row["error"] = "; ".join(sorted(set(errors)))
+        else:
+            counts = _robust_counts(clean[dkey], adv)
+            per_sample[(did, dparams, aid, threat, eps)] = counts
+            _fill(row, clean[dkey], counts, clean_k.get(dkey, k))
+        rows.append(row)
+
+    rows += _worst_case_rows(rows, per_sample, clean, clean_k)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["flags"] = compute_flags(frame)
+    return frame.sort_values(["threat_model", "eps", "defense", "attack"],
+                             key=lambda s: s.map(lambda v: (v == WORST, v) if s.name == "attack"
+                                                 else v),
+                             kind="stable").reset_index(drop=True)
+
+
+def _robust_counts(clean: dict[int, int], adv: dict[int, int]) -> dict[int, int]:
+    """Per-sample robust count: correct draws of both the clean and the attacked input."""
+    return {sid: min(clean.get(sid, 0), c) for sid, c in adv.items()}
+
+
+def _fill(row: dict[str, Any], clean: dict[int, int], counts: dict[int, int], k: int) -> None:
+    ids = sorted(counts)
+    c_acc = aggregate(np.array([clean.get(s, 0) for s in ids]), k)
+    r_acc = aggregate(np.array([counts[s] for s in ids]), k)
+    row.update(n=r_acc.n, clean_acc=c_acc.majority, clean_ci_low=c_acc.ci_low,
+               clean_ci_high=c_acc.ci_high, robust_acc=r_acc.majority,
+               robust_ci_low=r_acc.ci_low, robust_ci_high=r_acc.ci_high,
+               robust_acc_mean=r_acc.mean, robust_acc_worst_of_k=r_acc.worst)
+
+
+def _worst_case_rows(rows: list[dict[str, Any]], per_sample: dict[tuple[Any, ...], dict[int, int]],
+                     clean: dict[tuple[str, str], dict[int, int]],
+                     clean_k: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+    by_cell: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        dparams = row["defense_params"]
+        by_cell[(row["defense"], dparams, row["threat_model"], row["eps"])].append(row)
+    out = []
+    for (did, dparams, threat, eps), members in by_cell.items():
+        ok = [m for m in members if not m.get("error")]
+        if not ok:
+            continue
+        worst: dict[int, int] = {}
+        for m in ok:
+            for sid, c in per_sample[(did, dparams, m["attack"], threat, eps)].items():
+                worst[sid] = min(worst.get(sid, c), c)
+        first = ok[0]
+        row = {c: first.get(c) for c in COLUMNS}
+        strongest = min(ok, key=lambda m: (m["robust_acc"], m["robust_acc_mean"]))["attack"]
+        row.update(attack=WORST, attack_name=WORST, attack_params="", steps=None,
+                   restarts=None, eot_draws=max((m["eot_draws"] or 1) for m in ok),
+                   grad_evals=sum(m["grad_evals"] for m in ok),
+                   wall_s=sum(m["wall_s"] for m in ok),
+                   n_errors=sum(m["n_errors"] for m in ok), strongest_attack=strongest,
+                   plugin_versions=";".join(sorted({v for m in ok
+                                                    for v in m["plugin_versions"].split(";")})),
+                   error=("worst case excludes errored attacks: "
+                          + ", ".join(m["attack"] for m in members if m.get("error")))
+                   if len(ok) < len(members) else None)
+        _fill(row, clean[(did, dparams)], worst, clean_k.get((did, dparams), first["k_draws"]))
+        out.append(row)
+    return out
+
+
+def _base_row(suite: Any, plan: Plan, spec: dict[str, Any], code_version: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(suite=suite.name, dataset=suite.dataset, subset_id=plan.subset.id,
+               subset_hash=plan.subset.short_hash, seed=suite.seed, code_version=code_version,
+               defense_name=spec["defense"]["name"],
+               defense_params=json.dumps(spec["defense_params"], sort_keys=True), n_errors=0)
+    return row
+
+
+def _versions(members: list[dict[str, Any]]) -> str:
+    return ";".join(sorted({v for m in members for v in m["plugin_versions"].values()}))
+
+
+# -- output --------------------------------------------------------------------------------
+
+def _csv_safe(value: Any) -> Any:
+    """Neutralize spreadsheet formulas in text cells (a name starting with = + - @)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    safe = frame.copy()
+    for col in safe.columns:
+        if safe[col].dtype == object:
+            safe[col] = safe[col].map(_csv_safe)
+    tmp = path.with_suffix(".csv.tmp")
+    safe.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.6g")
+    tmp.replace(path)
+    return path
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a leaderboard CSV. Only empty cells are missing values, so that a defense called
+    "nan" or "NA" stays a name."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def _pct(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+
+
+def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
+    parts = []
+    if len(frame):
+        first = frame.iloc[0]
+        parts.append(f"# genbench leaderboard: suite `{first['suite']}`\n\n"
+                     f"dataset `{first['dataset']}`, subset `{first['subset_id']}` "
+                     f"(hash {first['subset_hash']}), seed {first['seed']}, "
+                     f"code {first['code_version']}. Accuracies in %, robust with 95% Wilson "
+                     "interval; stochastic defenses scored by majority vote over K draws.\n")
+    for threat, part in frame.groupby("threat_model", sort=True):
+        table = []
+        for _, r in part.iterrows():
+            robust = (f"{_pct(r.robust_acc)} [{_pct(r.robust_ci_low)}, {_pct(r.robust_ci_high)}]"
+                      if not pd.isna(r.robust_acc) else "error")
+            table.append([r.defense, r.attack, f"{r.eps:g}", r.n if not pd.isna(r.n) else "",
+                          _pct(r.clean_acc), robust, _pct(r.robust_acc_worst_of_k),
+                          "" if pd.isna(r.nfe_per_pred) else f"{r.nfe_per_pred:g}",
+                          f"{r.wall_s:.1f}", r["flags"] if isinstance(r["flags"], str) else ""])
+        parts.append(f"## {threat}\n")
+        parts.append(tabulate(table, headers=["defense", "attack", "eps", "n", "clean",
+                                              "robust [95% CI]", "worst-of-K", "NFE/pred",
+                                              "wall s", "flags"], tablefmt="github"))
+        parts.append("")
+    if plan is not None and plan.skipped:
+        parts.append("## skipped\n")
+        parts.append(tabulate([[s["defense"], s["attack"], s["threat_model"], s["reason"]]
+                               for s in plan.skipped],
+                              headers=["defense", "attack", "threat model", "reason"],
+                              tablefmt="github"))
+    return "\n".join(parts) + "\n"
+
+
+def write_markdown(frame: pd.DataFrame, path: str | Path, plan: Plan | None = None) -> Path:
+    path = Path(path)
+    path.write_text(render_markdown(frame, plan))
+    return path

@@ -1,0 +1,296 @@
+"""Suite files (TOML): what to evaluate, on which samples, with which budgets.
+
+A suite names a dataset and a versioned evaluation subset, a seed, the defenses, the attacks and
+the threat models with their epsilons::
+
+    [suite]
+    name = "quick"
+    dataset = "digits"
+    subset = "test100-v1"
+    seed = 0
+    k_draws = 10           # draws per scored input for stochastic defenses
+    batch_size = 100       # samples per attack call
+    shard_size = 100       # samples per job (the unit of resumption and of distribution)
+
+    [[defenses]]
+    name = "undefended"                 # registry name or "package.module:Class"
+    params = { model = "digits-cnn" }
+    # id = "cnn"                         # label in the leaderboard (default: name)
+    # params_by_threat = { l2 = { t_star = 0.075 } }
+
+    [[attacks]]
+    name = "pgd"
+    id = "pgd-ce"
+    params = { steps = 50, loss = "ce" }
+    # threat_models = ["linf", "l2"]     # restrict (default: all compatible)
+
+    [[threat_models]]
+    name = "linf"
+    eps = [0.05, 0.1]
+
+Errors name the file, the key and (where it can be found) the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from benchmark.threat import validate_eps
+
+
+class SuiteError(ValueError):
+    """A malformed suite file; the message names the file, the key and the line."""
+
+
+def freeze(value: Any) -> Any:
+    """Deep-convert TOML values to hashable ones (dicts -> sorted tuples, lists -> tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Inverse of :func:`freeze` for parameter tuples (pairs of (str, value))."""
+    if isinstance(value, tuple) and all(
+        isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value
+    ) and value:
+        return {k: thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plug-in reference with its configuration; ``id`` labels it in tables."""
+
+    id: str
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    threat_models: tuple[str, ...] | None = None
+    params_by_threat: tuple[tuple[str, Any], ...] = ()
+
+    def kwargs(self, threat: str | None = None) -> dict[str, Any]:
+        out = {k: thaw(v) for k, v in self.params}
+        if threat is not None:
+            for name, extra in self.params_by_threat:
+                if name == threat:
+                    out.update(thaw(extra))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "params": thaw(self.params) or {}}
+
+
+@dataclass(frozen=True)
+class ThreatSpec:
+    name: str
+    eps: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    dataset: str
+    subset: str
+    seed: int
+    defenses: tuple[PluginSpec, ...]
+    attacks: tuple[PluginSpec, ...]
+    threat_models: tuple[ThreatSpec, ...]
+    k_draws: int = 10
+    batch_size: int = 100
+    shard_size: int = 100
+    dataset_params: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+    source: str = field(default="", compare=False)
+    text: str = field(default="", compare=False, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+_SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
+               "dataset_params", "description"}
+_PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
+_THREAT_KEYS = {"name", "eps"}
+_TOP_KEYS = {"suite", "defenses", "attacks", "threat_models"}
+
+
+class _Ctx:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines = text.splitlines()
+
+    def line_of(self, key: str, after: int = 0) -> int | None:
+        pattern = re.compile(rf"^\s*(\[\[?\s*)?{re.escape(key)}\b")
+        for i, line in enumerate(self.lines[after:], start=after + 1):
+            if pattern.search(line):
+                return i
+        return None
+
+    def locate(self, path: str) -> int | None:
+        """Best-effort line of a key path such as ``threat_models[1].eps``."""
+        m = re.match(r"^(\w+)\[(\d+)\](?:\.(\w+))?", path)
+        if m:
+            section, index, key = m.group(1), int(m.group(2)), m.group(3)
+            header = re.compile(rf"^\s*\[\[\s*{re.escape(section)}\s*\]\]")
+            starts = [i for i, line in enumerate(self.lines) if header.search(line)]
+            if index < len(starts):
+                return self.line_of(key, after=starts[index]) if key else starts[index] + 1
+        return self.line_of(path.split(".")[-1].split("[")[0])
+
+    def error(self, path: str, message: str) -> SuiteError:
+        line = self.locate(path)
+        where = f"{self.source}" + (f", line {line}" if line else "")
+        return SuiteError(f"{where}: key {path!r}: {message}")
+
+    def unknown_keys(self, table: dict[str, Any], allowed: set[str], path: str) -> None:
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                msg = f"unknown key (expected one of {sorted(allowed)})"
+                if hint:
+                    msg += f"; did you mean {hint[0]!r}?"
+                raise self.error(f"{path}.{key}" if path else key, msg)
+
+
+def _typed(ctx: _Ctx, table: dict[str, Any], key: str, path: str, typ: type, default: Any) -> Any:
+    if key not in table:
+        if default is _REQUIRED:
+            raise ctx.error(f"{path}.{key}", "is required")
+        return default
+    value = table[key]
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ctx.error(f"{path}.{key}", f"expected an integer, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ctx.error(f"{path}.{key}", f"expected a string, got {value!r}")
+    if typ is dict and not isinstance(value, dict):
+        raise ctx.error(f"{path}.{key}", f"expected a table, got {value!r}")
+    return value
+
+
+_REQUIRED = object()
+
+
+def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, ...]:
+    items = doc.get(section, [])
+    if not isinstance(items, list) or not items:
+        raise ctx.error(section, f"expected at least one [[{section}]] table")
+    specs: list[PluginSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        path = f"{section}[{i}]"
+        if not isinstance(item, dict):
+            raise ctx.error(path, f"expected a table, got {item!r}")
+        ctx.unknown_keys(item, _PLUGIN_KEYS, path)
+        name = _typed(ctx, item, "name", path, str, _REQUIRED)
+        ident = _typed(ctx, item, "id", path, str, name)
+        if ident in seen:
+            raise ctx.error(f"{path}.id", f"duplicate id {ident!r}; give each entry a unique id")
+        seen.add(ident)
+        params = _typed(ctx, item, "params", path, dict, {})
+        by_threat = _typed(ctx, item, "params_by_threat", path, dict, {})
+        tms = item.get("threat_models")
+        if tms is not None and (not isinstance(tms, list) or
+                                not all(isinstance(t, str) for t in tms)):
+            raise ctx.error(f"{path}.threat_models", f"expected a list of names, got {tms!r}")
+        specs.append(PluginSpec(ident, name, freeze(params),
+                                tuple(tms) if tms is not None else None, freeze(by_threat)))
+    return tuple(specs)
+
+
+def _threats(ctx: _Ctx, doc: dict[str, Any]) -> tuple[ThreatSpec, ...]:
+    items = doc.get("threat_models", [])
+    if not isinstance(items, list) or not items:
+        raise ctx.error("threat_models", "expected at least one [[threat_models]] table")
+    out = []
+    for i, item in enumerate(items):
+        path = f"threat_models[{i}]"
+        ctx.unknown_keys(item, _THREAT_KEYS, path)
+        name = _typed(ctx, item, "name", path, str, _REQUIRED)
+        eps = item.get("eps", _REQUIRED)
+        if eps is _REQUIRED:
+            raise ctx.error(f"{path}.eps", "is required (a list of positive numbers)")
+        eps_list = eps if isinstance(eps, list) else [eps]
+        if not eps_list:
+            raise ctx.error(f"{path}.eps", "expected a non-empty list of positive numbers")
+        values = []
+        for e in eps_list:
+            try:
+                values.append(validate_eps(e, name=f"eps of threat model {name!r}"))
+            except (TypeError, ValueError) as exc:
+                raise ctx.error(f"{path}.eps", str(exc)) from None
+        out.append(ThreatSpec(name, tuple(values)))
+    return tuple(out)
+
+
+def parse_suite(text: str, source: str = "<string>") -> Suite:
+    """Parse and validate a suite's TOML text."""
+    ctx = _Ctx(source, text)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"{source}: malformed TOML: {exc}") from None
+    ctx.unknown_keys(doc, _TOP_KEYS, "")
+    head = doc.get("suite")
+    if not isinstance(head, dict):
+        raise ctx.error("suite", "a [suite] table is required")
+    ctx.unknown_keys(head, _SUITE_KEYS, "suite")
+    positive = {}
+    for key, default in (("k_draws", 10), ("batch_size", 100), ("shard_size", 100)):
+        value = _typed(ctx, head, key, "suite", int, default)
+        if value < 1:
+            raise ctx.error(f"suite.{key}", f"must be >= 1, got {value!r}")
+        positive[key] = value
+    return Suite(
+        name=_typed(ctx, head, "name", "suite", str, _REQUIRED),
+        dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
+        subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),
+        seed=_typed(ctx, head, "seed", "suite", int, 0),
+        defenses=_plugins(ctx, doc, "defenses"),
+        attacks=_plugins(ctx, doc, "attacks"),
+        threat_models=_threats(ctx, doc),
+        dataset_params=freeze(_typed(ctx, head, "dataset_params", "suite", dict, {})),
+        description=_typed(ctx, head, "description", "suite", str, ""),
+        source=source,
+        text=text,
+        **positive,
+    )
+
+
+def shipped_suites() -> list[str]:
+    root = resources.files("benchmark") / "suites"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load a shipped suite by name (``quick``) or a suite file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SuiteError(f"suite file {str(path)!r} does not exist")
+        return parse_suite(path.read_text(), source=str(path))
+    names = shipped_suites()
+    if str(name_or_path) not in names:
+        hint = difflib.get_close_matches(str(name_or_path), names, n=2)
+        msg = f"unknown suite {str(name_or_path)!r}"
+        if hint:
+            msg += f"; did you mean {' or '.join(map(repr, hint))}?"
+        raise SuiteError(msg + f" (shipped: {', '.join(names)}; or pass a path to a .toml file)")
+    res = resources.files("benchmark") / "suites" / f"{name_or_path}.toml"
+    return parse_suite(res.read_text(), source=f"suites/{name_or_path}.toml")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

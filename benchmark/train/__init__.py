@@ -1,0 +1,1 @@
+"""Trainers for the zoo models (``genbench train <model>``), registered in ``TRAINERS``."""

@@ -1,0 +1,255 @@
+"""The AutoAttack (pyautoattack) and torchattacks adapters on tiny linear models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from pyautoattack import AutoAttack as PyAutoAttack
+from pyautoattack.autopgd_base import APGDAttack
+
+from attacks import PGD, AutoAttack, StAdv, TorchAttacks
+from attacks.autoattack import VERSION_BUDGETS, DefenseView
+from benchmark.attack import Attack, Budget
+from benchmark.threat import ThreatModel
+from tests.toys import Linear, NoisyLinear
+from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear(classes: int = 3, n: int = 24, seed: int = 0) -> tuple[Linear, torch.Tensor,
+                                                                   torch.Tensor]:
+    """A random linear classifier, interior images, labels = its own predictions."""
+    g = _gen(seed)
+    w = torch.randn(classes, 16, generator=g)
+    model = Linear(w, -0.5 * w.sum(dim=1))  # decision boundaries through the box centre
+    x = 0.25 + 0.5 * torch.rand(n, 1, 4, 4, generator=g)
+    return model, x, model(x).argmax(1)
+
+
+def _robust(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> int:
+    return int((model(x_adv).argmax(1) == y).sum())
+
+
+# -- AutoAttack --------------------------------------------------------------------------------
+
+def _exact_robust(model: Linear, x: torch.Tensor, y: torch.Tensor, eps: float, dual: float
+                  ) -> int:
+    """Samples no perturbation in the ball can flip (the box does not bind at x in
+    [0.25, 0.75] and small eps): z_y - z_j > eps * ||w_j - w_y||_dual for every j != y."""
+    z, w = model(x), model.weight
+    robust = 0
+    for i, c in enumerate(y.tolist()):
+        robust += all(float(z[i, c] - z[i, j]) > eps * float((w[j] - w[c]).norm(p=dual))
+                      for j in range(len(w)) if j != c)
+    return robust
+
+
+@pytest.mark.parametrize(("threat", "dual"), [(LinfThreat(0.02), 1.0), (L2Threat(0.06), 2.0)],
+                         ids=["linf", "l2"])
+def test_apgd_subset_is_feasible_and_as_strong_as_pgd_and_the_exact_worst_case(
+        threat: ThreatModel, dual: float) -> None:
+    # APGD-CE alone is weaker than the margin on 3 classes (cross-entropy is not the margin),
+    # so run it with APGD-DLR, as AutoAttack's rand and plus versions do.
+    model, x, y = _linear()
+    aa = AutoAttack(attacks=["apgd-ce", "apgd-dlr"], n_iter=20)
+    r = aa.run(model, x, y, threat, generator=_gen())
+    assert threat.check(x, r.x_adv, r.params) is None
+    pgd = PGD(steps=20, loss="margin").run(model, x, y, threat, generator=_gen())
+    robust_aa, robust_pgd = _robust(model, r.x_adv, y), _robust(model, pgd.x_adv, y)
+    assert 0 < robust_pgd < len(y), "eps should break some samples but not all"
+    assert robust_aa <= robust_pgd + 1
+    assert robust_aa <= _exact_robust(model, x, y, threat.eps, dual) + 1
+    assert r.extras["version"] == "custom" and r.extras["attacks"] == ["apgd-ce", "apgd-dlr"]
+    assert r.extras["aa_robust_accuracy"] == pytest.approx(robust_aa / len(y))
+    assert r.grad_evals > 0
+
+
+def test_standard_version_runs_with_reduced_budgets() -> None:
+    model, x, y = _linear(classes=10, n=8)
+    threat = LinfThreat(0.05)
+    aa = AutoAttack(version="standard", n_iter=5, n_queries=20, batch_size=4)
+    r = aa.run(model, x, y, threat, generator=_gen())
+    assert r.extras["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert threat.check(x, r.x_adv, r.params) is None
+    assert _robust(model, r.x_adv, y) < len(y)
+    assert aa.budget == Budget(steps=5, restarts=1, eot_draws=1)
+
+
+def test_auto_resolves_to_rand_for_a_stochastic_defense() -> None:
+    model, x, y = _linear(n=4)
+    defense = NoisyLinear(model.weight, model.bias, sigma=0.05)
+    defense.reseed(0)
+    aa = AutoAttack(n_iter=3)
+    assert aa.resolve_version(defense) == "rand"
+    assert aa.resolve_version(model) == "standard"
+    r = aa.run(defense, x, y, LinfThreat(0.05), generator=_gen())
+    assert r.extras["version"] == "rand"
+    assert r.extras["attacks"] == ["apgd-ce", "apgd-dlr"]
+    assert aa.budget == Budget(steps=3, restarts=1, eot_draws=20)
+
+
+@pytest.mark.parametrize("version", ["standard", "plus", "rand"])
+def test_version_budgets_match_the_library(version: str) -> None:
+    model, _, _ = _linear()
+    aa = PyAutoAttack(model, eps=0.1, version=version)
+    assert VERSION_BUDGETS[version] == (aa.apgd.n_restarts, aa.apgd.eot_iter)
+    custom = PyAutoAttack(model, eps=0.1, version="custom", attacks=["apgd-ce"])
+    assert VERSION_BUDGETS["custom"] == (custom.apgd.n_restarts, custom.apgd.eot_iter)
+
+
+def test_n_iter_rescales_apgd_checkpoints_like_the_library() -> None:
+    model, x, _ = _linear()
+    aa = PyAutoAttack(model, eps=0.1, version="standard")
+    AutoAttack(n_iter=12)._configure(aa, model, LinfThreat(0.1), classes=3)
+    fresh = APGDAttack(model, n_iter=12, eps=0.1)
+    for sub in (aa.apgd, aa.apgd_targeted):
+        assert (sub.n_iter, sub.n_iter_2, sub.n_iter_min, sub.size_decr) == (
+            fresh.n_iter, fresh.n_iter_2, fresh.n_iter_min, fresh.size_decr)
+    assert aa.fab.n_iter == 12
+    assert aa.apgd_targeted.n_target_classes == 2 and aa.fab.n_target_classes == 2
+
+
+def test_autoattack_is_reproducible_silent_and_leaves_global_state_alone(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model, x, y = _linear(n=8)
+    model.train()
+    threat = LinfThreat(0.05)
+    aa = AutoAttack(attacks=["apgd-ce", "square"], n_iter=5, n_queries=10)
+    state = torch.get_rng_state()
+    a = aa.run(model, x, y, threat, generator=_gen(7))
+    b = aa.run(model, x, y, threat, generator=_gen(7))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.x_adv, b.x_adv) and a.extras["seed"] == b.extras["seed"]
+    assert model.training
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_autoattack_reports_library_warnings() -> None:
+    model, x, y = _linear(n=4)
+    defense = NoisyLinear(model.weight, model.bias, sigma=0.5)
+    aa = AutoAttack(attacks=["apgd-ce"], n_iter=2)
+    r = aa.run(defense, x, y, LinfThreat(0.05), generator=_gen())
+    assert any("randomized defense" in w for w in r.extras["warnings"])
+
+
+def test_autoattack_parameters_and_compatibility() -> None:
+    with pytest.raises(ValueError, match="did you mean 'apgd-ce'"):
+        AutoAttack(attacks=["apgd-cee"])
+    with pytest.raises(ValueError, match="'fast'"):
+        AutoAttack(version="fast")
+    with pytest.raises(ValueError, match="custom"):
+        AutoAttack(version="standard", attacks=["apgd-ce"])
+    with pytest.raises(ValueError, match="n_iter must be an integer >= 1, got 0"):
+        AutoAttack(n_iter=0)
+    model, x, y = _linear(classes=3, n=2)
+    reason = AutoAttack().incompatibility(model, StAdvThreat())
+    assert reason is not None and "stadv" in reason
+    assert AutoAttack().incompatibility(model, L2Threat(0.5)) is None
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        AutoAttack(version="standard").run(model, x, y, LinfThreat(0.1))
+
+
+def test_defense_view_hides_the_defense_from_mode_switches() -> None:
+    model, _, _ = _linear()
+    model.eval()
+    view = DefenseView(model, torch.device("cpu"))
+    view.train()
+    assert not model.training
+    assert list(view.children()) == []
+
+
+# -- torchattacks ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torchattacks_pgd_runs_within_the_threat_model(mode: str) -> None:
+    model, x, y = _linear()
+    getattr(model, mode)()
+    threat = LinfThreat(0.05)
+    attack = TorchAttacks(attack="PGD", steps=10, alpha=0.01)
+    assert attack.incompatibility(model, threat) is None
+    r = attack.run(model, x, y, threat, generator=_gen())
+    assert threat.check(x, r.x_adv) is None
+    assert r.extras["kwargs"]["eps"] == 0.05
+    assert _robust(model, r.x_adv, y) < len(y)
+    assert model.training == (mode == "train")
+    again = attack.run(model, x, y, threat, generator=_gen())
+    assert torch.equal(r.x_adv, again.x_adv)
+    assert attack.budget == Budget(steps=10, restarts=1, eot_draws=1)
+
+
+def test_torchattacks_fills_the_class_count() -> None:
+    model, x, y = _linear(classes=4, n=6)
+    threat = L2Threat(0.2)
+    r = TorchAttacks(attack="APGDT", norm="L2", steps=3).run(model, x, y, threat,
+                                                            generator=_gen())
+    assert r.extras["kwargs"]["n_classes"] == 4
+    assert threat.check(x, r.x_adv) is None
+
+
+def test_torchattacks_refuses_unknown_names_with_a_suggestion() -> None:
+    with pytest.raises(ValueError, match="did you mean 'PGD'"):
+        TorchAttacks(attack="PDG")
+    with pytest.raises(ValueError, match="'MultiAttack'"):
+        TorchAttacks(attack="MultiAttack")
+    with pytest.raises(TypeError, match="stepz"):
+        TorchAttacks(attack="PGD", stepz=3)
+
+
+@pytest.mark.parametrize(("attack", "kwargs", "threat", "ok"), [
+    ("PGD", {}, LinfThreat(0.1), True),
+    ("PGD", {}, L2Threat(0.5), False),
+    ("PGDL2", {}, L2Threat(0.5), True),
+    ("APGD", {"norm": "L2"}, L2Threat(0.5), True),
+    ("APGD", {"norm": "L2"}, LinfThreat(0.1), False),
+    ("Square", {}, LinfThreat(0.1), True),
+    ("CW", {}, L2Threat(0.5), False),
+    ("CW", {}, UnrestrictedThreat(), True),
+    ("PGD", {}, StAdvThreat(), False),
+    ("PGD", {"eps": 0.2}, LinfThreat(0.1), False),
+    ("PIFGSM", {"max_epsilon": 0.05}, LinfThreat(0.1), True),
+])
+def test_torchattacks_norm_table(attack: str, kwargs: dict[str, object], threat: ThreatModel,
+                                 ok: bool) -> None:
+    model, _, _ = _linear()
+    reason = TorchAttacks(attack=attack, **kwargs).incompatibility(model, threat)
+    assert (reason is None) == ok, reason
+
+
+def test_torchattacks_budget_reads_the_attack_signature() -> None:
+    assert TorchAttacks(attack="EOTPGD", eot_iter=3).budget == Budget(10, 1, 3)
+    assert TorchAttacks(attack="APGD", n_restarts=2, steps=7).budget == Budget(7, 2, 1)
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attacks_run_on_cuda_with_a_cuda_generator() -> None:
+    dev = torch.device("cuda")
+    model, x, y = _linear(n=6)
+    model.to(dev)
+    x, y = x.to(dev), y.to(dev)
+    cases: list[tuple[Attack, ThreatModel]] = [
+        (PGD(steps=3, eot_draws=2), LinfThreat(0.02)),
+        (StAdv(steps=3), StAdvThreat()),
+        (AutoAttack(attacks=["apgd-ce", "apgd-dlr"], n_iter=3), L2Threat(0.06)),
+        (TorchAttacks(attack="PGD", steps=3), LinfThreat(0.02)),
+    ]
+    for attack, threat in cases:
+        g = torch.Generator(device=dev).manual_seed(0)
+        r = attack.run(model, x, y, threat, generator=g)
+        assert r.x_adv.device == x.device, attack
+        assert threat.check(x, r.x_adv, r.params) is None, attack

@@ -1,0 +1,256 @@
+"""End-to-end tests of the harness: suites, resumption, error rows, executors, the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.cli import main
+from benchmark.harness import run_suite
+from benchmark.leaderboard import read_csv
+from benchmark.suite import load_suite, parse_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUIRED_COLUMNS = [
+    "suite", "dataset", "subset_id", "defense", "attack", "threat_model", "eps", "n", "clean_acc",
+    "robust_acc", "robust_ci_low", "robust_ci_high", "stochastic", "k_draws", "eot_draws",
+    "steps", "restarts", "nfe_per_pred", "wall_s", "seed", "code_version", "plugin_versions",
+    "flags",
+]
+#: columns that legitimately differ between two runs of the same suite
+VOLATILE = ["wall_s", "code_version"]
+
+
+def suite_text(defenses: str, *, attacks: str | None = None, eps: str = "[0.05, 0.1]",
+               shard: int = 4, k: int = 3, extra_threats: str = "") -> str:
+    attacks = attacks or '[[attacks]]\nname = "pgd"\nparams = { steps = 5, restarts = 1 }\n'
+    return f"""
+[suite]
+name = "t"
+dataset = "digits"
+subset = "test100-v1"
+seed = 0
+k_draws = {k}
+batch_size = 50
+shard_size = {shard}
+
+{defenses}
+
+{attacks}
+
+[[threat_models]]
+name = "linf"
+eps = {eps}
+{extra_threats}
+"""
+
+
+def write_suite(tmp_path: Path, text: str, name: str = "suite.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def stable(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=VOLATILE).reset_index(drop=True)
+
+
+def test_quick_suite_end_to_end_with_limit(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["run", "--suite", "quick", "--out", str(out), "--limit", "8",
+                 "--progress", "none"]) == 0
+    frame = read_csv(out / "leaderboard.csv")
+    assert list(frame.columns[: len(REQUIRED_COLUMNS)]) != []  # header present
+    for col in REQUIRED_COLUMNS:
+        assert col in frame.columns, col
+    assert set(frame.threat_model) == {"linf", "l2", "stadv"}
+    assert {"pgd", "autoattack", "stadv", "torchattacks-pgd", "worst_case"} <= set(frame.attack)
+    ok = frame[frame.error.isna()]
+    assert len(ok) == len(frame), frame[frame.error.notna()][["attack", "error"]]
+    assert ((ok.robust_acc >= 0) & (ok.robust_acc <= ok.clean_acc)).all()
+    assert (ok.n == 8).all()
+    # the worst case is no better than any single attack on the same cell
+    for _, cell in ok.groupby(["defense", "threat_model", "eps"]):
+        worst = cell[cell.attack == "worst_case"].robust_acc.iloc[0]
+        assert worst <= cell[cell.attack != "worst_case"].robust_acc.min() + 1e-12
+    assert (out / "leaderboard.md").read_text().startswith("# genbench leaderboard")
+    plan = (out / "plan.json").read_text()
+    assert "torchattacks-pgd" in plan  # skipped under l2/stadv, with the reason
+    assert (out / "suite.toml").read_text() == load_suite("quick").text
+    # a second run resumes everything and recomputes nothing
+    t0 = time.perf_counter()
+    assert main(["run", "--suite", "quick", "--out", str(out), "--limit", "8",
+                 "--progress", "none"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20
+    again = read_csv(out / "leaderboard.csv")
+    pd.testing.assert_frame_equal(stable(frame), stable(again))
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GENBENCH_PROGRESS="plain")
+    return subprocess.Popen([sys.executable, "-m", "benchmark.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _job_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    defenses = ('[[defenses]]\nname = "tests.plugins:SlowDefense"\nid = "slow"\n'
+                "params = { delay = 0.05 }\n")
+    suite = write_suite(tmp_path, suite_text(defenses))
+    args = ["run", "--suite", str(suite), "--limit", "16"]
+    total = 4 + 2 * 4  # clean + 2 eps x 4 shards
+
+    killed = tmp_path / "killed"
+    proc = _run_cli([*args, "--out", str(killed)])
+    deadline = time.time() + 120
+    while _job_count(killed / "runs.sqlite") < 3 and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = _job_count(killed / "runs.sqlite")
+    assert 3 <= done_before < total
+    with sqlite3.connect(killed / "runs.sqlite") as conn:
+        stamps = dict(conn.execute("SELECT key, finished_at FROM jobs").fetchall())
+
+    resumed = _run_cli([*args, "--out", str(killed)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming: {done_before} of {total}" in err
+
+    clean = _run_cli([*args, "--out", str(tmp_path / "clean")])
+    _, err = clean.communicate(timeout=300)
+    assert clean.returncode == 0, err
+
+    a = read_csv(killed / "leaderboard.csv")
+    b = read_csv(tmp_path / "clean" / "leaderboard.csv")
+    pd.testing.assert_frame_equal(stable(a), stable(b))
+    with sqlite3.connect(killed / "runs.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == total
+        per_job = conn.execute("SELECT job, COUNT(*), COUNT(DISTINCT sample_id) FROM samples "
+                               "GROUP BY job").fetchall()
+        assert len(per_job) == total
+        assert all(n == 4 and d == 4 for _, n, d in per_job)  # no sample counted twice
+        after = dict(conn.execute("SELECT key, finished_at FROM jobs").fetchall())
+    assert all(after[k] == v for k, v in stamps.items())  # finished jobs were not recomputed
+
+
+def test_plugin_failures_become_error_rows_and_the_run_goes_on(tmp_path):
+    defenses = "\n".join(
+        f'[[defenses]]\nname = "tests.plugins:{cls}"\nid = "{ident}"\n'
+        for cls, ident in [("WrongShapeDefense", "wrong-shape"), ("NaNDefense", "nan"),
+                           ("RaisingDefense", "raises")]
+    ) + '\n[[defenses]]\nname = "undefended"\n'
+    suite = parse_suite(suite_text(defenses, eps="[0.1]"), "t.toml")
+    summary = run_suite(suite, tmp_path / "out", limit=8, progress="none", log=lambda m: None)
+    frame = read_csv(summary.leaderboard_csv)
+    rows = frame.set_index("defense")
+    assert re.search(r"returned shape \(\d+, 3\), expected logits of shape \(\d+, 10\)",
+                     rows.loc["wrong-shape", "error"])
+    assert "Target 3 is out of bounds" not in rows.loc["wrong-shape", "error"]
+    assert "non-finite logits" in rows.loc["nan", "error"]
+    assert "always fails" in rows.loc["raises", "error"]
+    assert (frame[frame.defense != "undefended"]["flags"].str.contains("attack_error")).all()
+    good = frame[frame.defense == "undefended"]
+    assert good.error.isna().all() and (good.n == 8).all()
+
+
+def test_threat_violation_is_scored_not_robust(tmp_path):
+    attacks = '[[attacks]]\nname = "tests.plugins:OverBudget"\nid = "cheat"\n'
+    suite = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n', attacks=attacks,
+                                   eps="[0.01]"), "t.toml")
+    summary = run_suite(suite, tmp_path / "out", limit=8, progress="none", log=lambda m: None)
+    row = read_csv(summary.leaderboard_csv).query("attack == 'cheat'").iloc[0]
+    assert row.n_errors == 8
+    assert row.robust_acc == 0.0
+    assert "threat_violation" in row["flags"]
+
+
+def test_stochastic_defense_scored_with_k_draws_and_reproducible(tmp_path):
+    defenses = '[[defenses]]\nname = "tests.plugins:NoisyDefense"\nid = "noisy"\n'
+    suite = parse_suite(suite_text(defenses, eps="[0.1]", k=5), "t.toml")
+    a = run_suite(suite, tmp_path / "a", limit=8, progress="none", log=lambda m: None)
+    b = run_suite(suite, tmp_path / "b", limit=8, progress="none", log=lambda m: None)
+    fa, fb = read_csv(a.leaderboard_csv), read_csv(b.leaderboard_csv)
+    pd.testing.assert_frame_equal(stable(fa), stable(fb))  # same seed, same table
+    assert fa.stochastic.all() and (fa.k_draws == 5).all()
+    assert (fa.robust_acc_worst_of_k <= fa.robust_acc + 1e-12).all()
+    assert (fa.nfe_per_pred == 5).all()
+
+
+def test_process_executor_gives_the_same_leaderboard(tmp_path):
+    suite = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n', shard=4), "t.toml")
+    local = run_suite(suite, tmp_path / "local", limit=8, progress="none", log=lambda m: None)
+    proc = run_suite(suite, tmp_path / "proc", limit=8, progress="none", executor="process",
+                     workers=2, log=lambda m: None)
+    pd.testing.assert_frame_equal(stable(read_csv(local.leaderboard_csv)),
+                                  stable(read_csv(proc.leaderboard_csv)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('name = "undefended"', 'name = "undefnded"'), "did you mean 'undefended'"),
+        (('name = "pgd"', 'name = "pgdd"'), "did you mean 'pgd'"),
+        (('name = "linf"', 'name = "lnif"'), "did you mean 'linf'"),
+        (("eps = [0.05, 0.1]", "eps = [-0.05]"), "-0.05"),
+        (("eps = [0.05, 0.1]", 'eps = ["big"]'), "'big'"),
+        (("steps = 5", "steps = 0"), "steps"),
+        (('subset = "test100-v1"', 'subset = "test10-v1"'), "test100-v1"),
+        (("seed = 0", "seed = = 0"), "malformed TOML"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_keeps_the_store(tmp_path, capsys, edit, message):
+    good = suite_text('[[defenses]]\nname = "undefended"\n')
+    out = tmp_path / "out"
+    assert main(["run", "--suite", str(write_suite(tmp_path, good)), "--out", str(out),
+                 "--limit", "4", "--progress", "none"]) == 0
+    before = (out / "runs.sqlite").read_bytes()
+    bad = write_suite(tmp_path, good.replace(*edit), "bad.toml")
+    capsys.readouterr()
+    code = main(["run", "--suite", str(bad), "--out", str(out), "--limit", "4",
+                 "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("genbench: error:") and message in err, err
+    assert "Traceback" not in err
+    assert (out / "runs.sqlite").read_bytes() == before  # nothing stored is lost
+
+
+def test_leaderboard_command_and_list(tmp_path, capsys):
+    suite = write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n'))
+    assert main(["run", "--suite", str(suite), "--out", str(tmp_path / "r"), "--limit", "4",
+                 "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "--run", str(tmp_path / "r"), "--format", "csv"]) == 0
+    csv_text = capsys.readouterr().out
+    assert csv_text.startswith("suite,dataset,subset_id")
+    assert main(["leaderboard", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "not a genbench run folder" in capsys.readouterr().err
+    for what, expected in [("defenses", "undefended"), ("attacks", "pgd"),
+                           ("threat-models", "stadv"), ("suites", "quick")]:
+        assert main(["list", what]) == 0
+        names = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+        assert expected in names

@@ -1,0 +1,83 @@
+import pytest
+
+from benchmark.suite import SuiteError, load_suite, parse_suite, shipped_suites
+
+GOOD = """
+[suite]
+name = "t"
+dataset = "digits"
+subset = "test100-v1"
+
+[[defenses]]
+name = "undefended"
+
+[[attacks]]
+name = "pgd"
+params = { steps = 3 }
+
+[[threat_models]]
+name = "linf"
+eps = [0.1, 0.2]
+"""
+
+
+def test_good_suite_parses_with_defaults():
+    s = parse_suite(GOOD, "good.toml")
+    assert s.k_draws == 10 and s.seed == 0
+    assert s.threat_models[0].eps == (0.1, 0.2)
+    assert s.attacks[0].kwargs() == {"steps": 3}
+    assert s.defenses[0].id == "undefended"
+
+
+def test_shipped_suites_parse():
+    names = shipped_suites()
+    assert {"quick", "digits", "cifar10"} <= set(names)
+    for name in names:
+        assert load_suite(name).name == name
+
+
+def test_malformed_toml_names_file_and_line():
+    with pytest.raises(SuiteError, match=r"bad\.toml: malformed TOML.*line 3"):
+        parse_suite('[suite]\nname = "x"\nseed = = 1\n', "bad.toml")
+
+
+@pytest.mark.parametrize(
+    ("eps", "match"),
+    [("-0.1", r"eps.*-0\.1"), ('"0.1"', r"real number.*'0\.1'"), ("0", "> 0"),
+     ("nan", "finite"), ("true", "real number")],
+)
+def test_bad_epsilon_names_value_key_and_line(eps, match):
+    text = GOOD.replace("eps = [0.1, 0.2]", f"eps = [{eps}]")
+    with pytest.raises(SuiteError, match=match) as info:
+        parse_suite(text, "s.toml")
+    assert "threat_models[0].eps" in str(info.value)
+    assert "line 16" in str(info.value)
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(SuiteError, match="did you mean 'k_draws'"):
+        parse_suite(GOOD.replace('subset = "test100-v1"', 'subset = "test100-v1"\nk_drawz = 3'),
+                    "s.toml")
+
+
+def test_duplicate_ids_and_missing_sections():
+    dup = GOOD + '\n[[attacks]]\nname = "pgd"\n'
+    with pytest.raises(SuiteError, match="duplicate id 'pgd'"):
+        parse_suite(dup, "s.toml")
+    with pytest.raises(SuiteError, match=r"\[\[threat_models\]\]"):
+        parse_suite(GOOD.split("[[threat_models]]")[0], "s.toml")
+    with pytest.raises(SuiteError, match="must be >= 1"):
+        parse_suite(GOOD.replace('subset = "test100-v1"', 'subset = "x"\nk_draws = 0'), "s.toml")
+
+
+def test_unknown_suite_name_suggests():
+    with pytest.raises(SuiteError, match="did you mean 'quick'"):
+        load_suite("quik")
+    with pytest.raises(SuiteError, match="does not exist"):
+        load_suite("nowhere/suite.toml")
+
+
+def test_error_line_points_at_the_right_table():
+    text = GOOD + '\n[[threat_models]]\nname = "l2"\neps = [-1]\n'
+    with pytest.raises(SuiteError, match=r"line 20: key 'threat_models\[1\]\.eps'"):
+        parse_suite(text, "s.toml")
