@@ -7,6 +7,9 @@ numbers come from :class:`attacks.autoattack.AutoAttack` (``pyautoattack``).
 ``TorchAttacks(attack="PGD", steps=40, alpha=0.01)`` builds
 ``torchattacks.PGD(model, eps=threat.eps, steps=40, alpha=0.01)`` at run time:
 
+* ``alpha_scale=2.5`` instead of ``alpha`` sets ``alpha = 2.5 * eps / steps`` per threat model,
+  the step rule of our PGD, for cross-checks at equal budgets;
+
 * ``eps`` (``max_epsilon`` for PIFGSM/PIFGSMPP) comes from the threat model unless given;
 * ``n_classes`` (APGDT, FAB, AutoAttack) comes from the defense's logits unless given, and
   ``seed`` from the run's generator; library code drawing from torch's global generator runs
@@ -61,7 +64,8 @@ class TorchAttacks(Attack):
 
     name: ClassVar[str] = "torchattacks"
 
-    def __init__(self, *, attack: str = "PGD", **kwargs: Any) -> None:
+    def __init__(self, *, attack: str = "PGD", alpha_scale: float | None = None,
+                 **kwargs: Any) -> None:
         import torchattacks
 
         names = _attack_names()
@@ -77,7 +81,15 @@ class TorchAttacks(Attack):
             inspect.signature(cls).bind(None, **kwargs)
         except TypeError as exc:
             raise TypeError(f"torchattacks.{attack}: {exc}") from None
+        if alpha_scale is not None:
+            if "alpha" in kwargs or "alpha" not in inspect.signature(cls).parameters:
+                raise TypeError(f"alpha_scale sets torchattacks.{attack}'s alpha from the "
+                                "threat model; it needs an attack with an 'alpha' parameter "
+                                "and no explicit alpha")
+            if isinstance(alpha_scale, bool) or not float(alpha_scale) > 0:
+                raise ValueError(f"alpha_scale must be a number > 0, got {alpha_scale!r}")
         self.attack = attack
+        self.alpha_scale = None if alpha_scale is None else float(alpha_scale)
         self.kwargs = dict(kwargs)
 
     def _signature(self) -> inspect.Signature:
@@ -102,7 +114,8 @@ class TorchAttacks(Attack):
             eot_draws=self._value("eot_iter"))
 
     def config(self) -> dict[str, Any]:
-        return {"attack": self.attack, **self.kwargs}
+        extra = {} if self.alpha_scale is None else {"alpha_scale": self.alpha_scale}
+        return {"attack": self.attack, **extra, **self.kwargs}
 
     def norm(self) -> str | None:
         """Our threat-model name this attack bounds (``"unbounded"`` for none, ``None`` if
@@ -152,6 +165,9 @@ class TorchAttacks(Attack):
         key = self._eps_key()
         if key is not None and key not in kwargs and threat.name != "unrestricted":
             kwargs[key] = threat.eps
+        if self.alpha_scale is not None:
+            # the same step rule as our PGD (Madry et al.: 2.5 * eps / steps for scale 2.5)
+            kwargs["alpha"] = self.alpha_scale * threat.eps / self.budget.steps
         if "n_classes" in params and "n_classes" not in kwargs:
             with torch.no_grad():
                 kwargs["n_classes"] = int(defense(x[:1]).shape[1])

@@ -63,8 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         device=args.device, limit=args.limit, fresh=args.fresh,
                         retry_errors=args.retry_errors, progress=progress,
                         ray_address=getattr(args, "ray_address", None))
-    if progress != "none":
-        print(render_markdown(read_csv(summary.leaderboard_csv)))
+    print(render_markdown(read_csv(summary.leaderboard_csv)))
     print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
           f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "
           f"wrote {summary.leaderboard_csv} and {summary.leaderboard_md}", file=sys.stderr)

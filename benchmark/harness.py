@@ -170,8 +170,9 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
         resumed = len(plan.jobs) - len(todo)
         if resumed:
             say(f"resuming: {resumed} of {len(plan.jobs)} jobs already in {db}")
-        for s in plan.skipped:
-            say(f"skipped: {s['defense']} / {s['attack']} / {s['threat_model']}: {s['reason']}")
+        for d, a, t, why in dict.fromkeys((s["defense"], s["attack"], s["threat_model"],
+                                          s["reason"]) for s in plan.skipped):
+            say(f"skipped: {d} / {a} / {t}: {why}")
         errors = 0
         bar = tqdm(total=len(plan.jobs), initial=resumed, desc=f"genbench {suite.name}",
                    unit="job", disable=(progress != "bar"), dynamic_ncols=True)

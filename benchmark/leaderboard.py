@@ -227,8 +227,9 @@ def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
         parts.append("")
     if plan is not None and plan.skipped:
         parts.append("## skipped\n")
-        parts.append(tabulate([[s["defense"], s["attack"], s["threat_model"], s["reason"]]
-                               for s in plan.skipped],
+        unique = dict.fromkeys((s["defense"], s["attack"], s["threat_model"], s["reason"])
+                               for s in plan.skipped)
+        parts.append(tabulate([list(u) for u in unique],
                               headers=["defense", "attack", "threat model", "reason"],
                               tablefmt="github"))
     return "\n".join(parts) + "\n"

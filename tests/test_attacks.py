@@ -319,3 +319,25 @@ def test_every_registered_attack_builds_with_defaults_and_serializes(name: str) 
     assert isinstance(attack.budget, Budget)
     json.dumps(attack.config())
     assert repr(attack).startswith(type(attack).__name__ + "(")
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_pgd_is_no_weaker_than_torchattacks_at_equal_budget(eps):
+    """Cross-check against an independent implementation: same start (the clean input), same
+    steps and step rule; with keep-best ours must fool at least every sample theirs fools."""
+    import torchattacks
+
+    from benchmark.data import load_dataset
+    from benchmark.data.subsets import get_subset, select
+    from defenses.baseline import Undefended
+
+    x, y, _ = select(load_dataset("digits"), get_subset("digits", "test100-v1"))
+    model = Undefended().eval().requires_grad_(False)
+    threat = LinfThreat(eps)
+    ours = PGD(steps=20, random_start=False).run(model, x, y, threat).x_adv
+    ref = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / 20, steps=20, random_start=False)
+    theirs = ref(x, y)
+    with torch.no_grad():
+        ours_ok = model(ours).argmax(1) == y
+        theirs_ok = model(theirs).argmax(1) == y
+    assert not (ours_ok & ~theirs_ok).any()

@@ -253,3 +253,14 @@ def test_attacks_run_on_cuda_with_a_cuda_generator() -> None:
         r = attack.run(model, x, y, threat, generator=g)
         assert r.x_adv.device == x.device, attack
         assert threat.check(x, r.x_adv, r.params) is None, attack
+
+
+def test_torchattacks_alpha_scale_follows_the_threat_model():
+    from attacks.torchattacks_adapter import TorchAttacks
+
+    atk = TorchAttacks(attack="PGD", steps=20, alpha_scale=2.5)
+    assert atk.config()["alpha_scale"] == 2.5
+    with pytest.raises(TypeError, match="alpha_scale"):
+        TorchAttacks(attack="PGD", steps=20, alpha=0.1, alpha_scale=2.5)
+    with pytest.raises(ValueError, match="alpha_scale must be a number > 0, got -1"):
+        TorchAttacks(attack="PGD", steps=20, alpha_scale=-1)
