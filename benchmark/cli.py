@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from benchmark.registries import TRAINERS
 
-    trainer = TRAINERS.get(args.model)
+    model = args.model
+    prefix = f"{args.dataset}-"
+    if model not in TRAINERS and model.startswith(prefix) and model[len(prefix):] in TRAINERS:
+        model = model[len(prefix):]  # `genbench train digits-eps` is `genbench train eps`
+    trainer = TRAINERS.get(model)
     kwargs: dict[str, Any] = dict(dataset=args.dataset, seed=args.seed,
                                   progress=(args.progress != "none"))
+    if args.regime is not None:
+        kwargs["regime"] = args.regime
+    if args.device is not None:
+        kwargs["device"] = args.device
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
     if args.max_steps is not None:
@@ -113,6 +122,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out is not None:
         kwargs["out_dir"] = args.out
         kwargs["register"] = False
+    for item in args.param or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word is a string: --param arch=glow
+        kwargs[key.strip()] = value
     info = trainer(**kwargs)
     print(json.dumps(info, indent=1, default=str))
     return 0
@@ -155,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--max-steps", type=int, dest="max_steps")
     tr.add_argument("--out", help="write weights here instead of the shipped zoo")
+    tr.add_argument("--regime", choices=["clean", "adv", "hybrid"],
+                    help="flow training regime (Pope et al.)")
+    tr.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    tr.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="extra trainer option, e.g. --param arch=glow --param regime=hybrid")
     tr.add_argument("--progress", choices=["bar", "plain", "none"], default="bar")
     tr.set_defaults(func=cmd_train)
     return p

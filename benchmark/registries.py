@@ -58,5 +58,9 @@ for _name, _ref in {
 
 for _name, _ref in {
     "classifier": "benchmark.train.classifier:train",
+    "cnn-at": "benchmark.train.classifier:train_adversarial",
+    "eps": "benchmark.train.denoiser:train",
+    "realnvp": "benchmark.train.flow:train_realnvp",
+    "glow": "benchmark.train.flow:train_glow",
 }.items():
     TRAINERS.add(_name, _ref)
