@@ -10,7 +10,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Protocol
+from typing import Any, Protocol
 
 from benchmark.jobs import JobResult, JobSpec
 from benchmark.runner import execute
@@ -36,7 +36,7 @@ class LocalExecutor:
 _WORKER_DEVICE: str | None = None
 
 
-def _init_worker(slots: mp.Queue, threads: int) -> None:  # type: ignore[type-arg]
+def _init_worker(slots: Any, threads: int) -> None:
     global _WORKER_DEVICE
     slot = slots.get()
     if slot is not None:
@@ -104,9 +104,12 @@ def make_executor(name: str, *, workers: int | None = None, device: str | None =
         return ProcessExecutor(workers, device)
     if name == "ray":
         try:
-            from benchmark.executors_ray import RayExecutor
-        except ImportError as exc:
-            raise ValueError(f"executor 'ray' is not available ({exc}); "
-                             "install the extra: pip install 'genbench[ray]'") from exc
-        return RayExecutor(workers=workers, address=ray_address)  # type: ignore[no-any-return]
+            from benchmark.executors_ray import RayExecutor  # type: ignore[import-not-found,unused-ignore]
+        except ModuleNotFoundError as exc:
+            if exc.name == "benchmark.executors_ray":
+                raise ValueError("the 'ray' executor is not implemented yet (it comes with the "
+                                 "scale-out issue); use --executor local or process") from None
+            raise ValueError(f"executor 'ray' needs the extra: pip install 'genbench[ray]' "
+                             f"({exc})") from exc
+        return RayExecutor(workers=workers, address=ray_address)  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"unknown executor {name!r}; expected one of local, process, ray")

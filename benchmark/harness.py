@@ -102,6 +102,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                          for i, s in enumerate(shards)]
             for a, attack in attacks:
                 for eps in t.eps:
+                    reason: str | None
                     if a.threat_models is not None and t.name not in a.threat_models:
                         reason = f"suite restricts {a.id} to {list(a.threat_models)}"
                     else:

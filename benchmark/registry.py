@@ -200,7 +200,7 @@ class Registry(Generic[T]):
                 self._entries[name] = _Entry(
                     name, obj=obj, provenance=_provenance_of_module(name.partition(":")[0])
                 )
-                return obj  # type: ignore[no-any-return]
+                return obj
             raise self._unknown(name)
         if entry.obj is None:
             assert entry.ref is not None
@@ -210,7 +210,7 @@ class Registry(Generic[T]):
                 raise PluginLoadError(f"{self.kind} {name!r} failed to load: {exc}") from exc
             if entry.provenance is None:
                 entry.provenance = _provenance_of_module(entry.ref.partition(":")[0])
-        return entry.obj  # type: ignore[no-any-return]
+        return entry.obj
 
     def provenance(self, name: str) -> Provenance:
         self.get(name)

@@ -117,12 +117,13 @@ def execute(job: JobSpec, device: str | None = None) -> JobResult:
         defense = CACHE.defense(job, dev)
         kind, stochastic, nfe = describe(defense)
         k = job.k_draws if stochastic else 1
-        if hasattr(defense, "reseed"):
-            defense.reseed(job.run_seed)
+        reseed = getattr(defense, "reseed", None)
+        if callable(reseed):
+            reseed(job.run_seed)
         x, y, num_classes = shard_data(job, dev)
         who = f"defense {job.defense.id!r}"
         budget: dict[str, Any] = {}
-        extras = {}
+        extras: dict[str, list[Any]] = {}
         grad_evals = 0
         x_adv_np: np.ndarray | None = None
         if job.is_clean:
@@ -141,7 +142,6 @@ def execute(job: JobSpec, device: str | None = None) -> JobResult:
             generator.manual_seed(job.run_seed + 1)
             outcomes = []
             advs = []
-            extras: dict[str, list[Any]] = {}
             for start in range(0, len(x), job.batch_size):
                 xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
                 ids = job.sample_ids[start:start + job.batch_size]

@@ -145,7 +145,7 @@ class Store:
     def samples(self, keys: Iterable[str]) -> dict[str, list[tuple[int, int, float, str | None]]]:
         out: dict[str, list[tuple[int, int, float, str | None]]] = {}
         for key in keys:
-            out[key] = [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            out[key] = [tuple(r) for r in self.conn.execute(
                 "SELECT sample_id, correct, distance, error FROM samples WHERE job=? "
                 "ORDER BY sample_id", (key,))]
         return out
