@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 from benchmark.registry import PluginLoadError, UnknownNameError
 
 EXIT_BAD_INPUT = 2
+COMMAND_MODULES = ("benchmark.compare", "benchmark.publish", "benchmark.conformance",
+                   "benchmark.bundle")
 EXIT_INTERRUPTED = 130
 
 
@@ -180,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra trainer option, e.g. --param arch=glow --param regime=hybrid")
     tr.add_argument("--progress", choices=["bar", "plain", "none"], default="bar")
     tr.set_defaults(func=cmd_train)
+
+    # Commands that live in their own modules (compare, publish, check-defense, submit, ...)
+    # add themselves through an ``add_commands(subparsers)`` function.
+    for module in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        mod.add_commands(sub)
     return p
 
 
