@@ -1,0 +1,200 @@
+"""DC / RDC (seed 002) against exact oracles: the optimal diffusion classifier (theorem 3.2),
+a per-class reference loop, and the failure paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks import PGD
+from benchmark.data import load_dataset
+from benchmark.zoo.analytic import OptimalDenoiser
+from defenses.rdc import (
+    DiffusionClassifier,
+    OptimalDiffusionClassifier,
+    RobustDiffusionClassifier,
+    systematic_timesteps,
+)
+from threat_models.l2 import L2Threat
+from threat_models.linf import LinfThreat
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def optimal() -> OptimalDiffusionClassifier:
+    dc = OptimalDiffusionClassifier(per_class=3, timesteps=10)
+    dc.reseed(0)
+    return dc
+
+
+def train_points(dc: OptimalDiffusionClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = load_dataset("digits")
+    return ds.train.x[dc.train_rows], ds.train.y[dc.train_rows]
+
+
+def test_systematic_subset_matches_the_paper():
+    assert systematic_timesteps(1000, 4).tolist() == [249, 499, 749, 999]  # {iT/T'} 1-based
+    assert len(systematic_timesteps(1000, 1000).unique()) == 1000
+    with pytest.raises(ValueError, match=r"\[1, T=1000\], got 2000"):
+        systematic_timesteps(1000, 2000)
+    with pytest.raises(TypeError, match="integer, got 2.5"):
+        systematic_timesteps(1000, 2.5)  # type: ignore[arg-type]
+
+
+def test_batched_rows_equal_a_per_class_reference_loop(optimal):
+    """Same noise: chunked (sample, timestep, class) rows == one class / one timestep loop."""
+    x, _ = train_points(optimal)
+    x = x[:4]
+    optimal.reseed(7)
+    fast = optimal.class_losses(x)
+    optimal.reseed(7)
+    eps = torch.randn((4, len(optimal.timesteps), *x.shape[1:]),
+                      generator=optimal.generator_for(x))
+    a, s = optimal.schedule.alpha_sigma(optimal.timesteps)
+    ref = torch.zeros(4, optimal.num_classes)
+    for k in range(optimal.num_classes):
+        for j, t in enumerate(optimal.timesteps.tolist()):
+            xt = a[j] * (2 * x - 1) + s[j] * eps[:, j]
+            pred = optimal.denoiser.eps(xt, t, torch.full((4,), k), schedule=optimal.schedule)
+            ref[:, k] += (pred - eps[:, j]).pow(2).flatten(1).sum(1) / len(optimal.timesteps)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-3)
+    small = DiffusionClassifier(denoiser=optimal.denoiser, timesteps=10, rows_per_batch=7)
+    small.reseed(7)
+    torch.testing.assert_close(small.class_losses(x), fast, rtol=1e-5, atol=1e-4)
+
+
+def test_nfe_counts_batches_not_rows(optimal):
+    x, _ = train_points(optimal)
+    dc = DiffusionClassifier(denoiser=optimal.denoiser, timesteps=10, rows_per_batch=50)
+    dc.reseed(0)
+    dc.denoiser.reset_nfe()
+    dc(x[:5])  # 5 x 10 timesteps x 10 classes = 500 rows = 10 batches of 50
+    assert dc.denoiser.reset_nfe() == 10
+    assert dc.nfe_per_call == 100  # denoiser rows per image
+
+
+def test_optimal_dc_is_exact_on_its_training_set(optimal):
+    x, y = train_points(optimal)
+    optimal.reseed(1)
+    assert (optimal(x).argmax(1) == y).all()
+
+
+@pytest.mark.parametrize("threat", [LinfThreat(8 / 255), L2Threat(0.5)], ids=["linf", "l2"])
+def test_optimal_dc_is_robust_on_training_points(optimal, threat):
+    """Theorem 3.2 / sec. 3.3: the optimal diffusion classifier keeps 100% robust accuracy at
+    l-inf 8/255 and l2 0.5 on its training points, against PGD with EOT."""
+    x, y = train_points(optimal)
+    x, y = x[::3], y[::3]
+    optimal.reseed(2)
+    attack = PGD(steps=10, loss="margin", eot_draws=2)
+    result = attack.run(optimal, x, y, threat, generator=torch.Generator().manual_seed(0))
+    assert threat.check(x, result.x_adv, result.params) is None
+    with torch.no_grad():
+        assert (optimal(result.x_adv).argmax(1) == y).all()
+
+
+def test_rdc_purification_stays_in_its_ball_and_lowers_the_loss(optimal):
+    x, _ = train_points(optimal)
+    x = (x[:4] + 0.1 * torch.randn(x[:4].shape, generator=torch.Generator().manual_seed(0))
+         ).clamp(0, 1)
+    rdc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=10, steps=5)
+    rdc.reseed(3)
+    before = rdc.likelihood_objective(x)
+    rdc.reseed(4)
+    x_hat = rdc.purify(x)
+    assert (x_hat - x).abs().max() <= 8 / 255 + 1e-6
+    rdc.reseed(3)
+    assert rdc.likelihood_objective(x_hat).mean() < before.mean()
+    l2 = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=10, steps=3, norm="l2")
+    l2.reseed(3)
+    assert (l2.purify(x) - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+
+
+@pytest.mark.parametrize("variant", ["v1", "t1"])
+def test_rdc_exact_gradient_flows_through_purification(optimal, variant):
+    x, y = train_points(optimal)
+    rdc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=5, steps=1,
+                                    variant=variant)
+    rdc.reseed(5)
+    xr = x[:2].clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(rdc(xr), y[:2])
+    (g,) = torch.autograd.grad(loss, xr)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert {"purify", "head", "likelihood_objective"} <= rdc.capabilities()
+
+
+def test_bad_inputs_name_the_value(optimal):
+    den = optimal.denoiser
+    with pytest.raises(ValueError, match="got 5000"):
+        DiffusionClassifier(denoiser=den, timesteps=5000)
+    with pytest.raises(ValueError, match=r"non-empty list of labels, got \[\]"):
+        DiffusionClassifier(denoiser=den, classes=[])
+    uncond = OptimalDenoiser(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="class-conditional denoiser"):
+        DiffusionClassifier(denoiser=uncond)
+    with pytest.raises(TypeError, match="steps must be an integer >= 0, got '10'"):
+        RobustDiffusionClassifier(denoiser=den, steps="10")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="eta must be a number > 0, got -0.1"):
+        RobustDiffusionClassifier(denoiser=den, eta=-0.1)
+    with pytest.raises(ValueError, match="variant must be"):
+        RobustDiffusionClassifier(denoiser=den, variant="v2")
+
+
+class _LinearWithLikelihood(torch.nn.Module):
+    """A deterministic linear classifier with a quadratic 'likelihood objective'."""
+
+    kind = "classifier"
+    stochastic = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(10, 256, generator=g)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T
+
+    def likelihood_objective(self, x):
+        return 50 * (x - 0.5).pow(2).flatten(1).sum(1)
+
+
+def test_lagrange_falls_if_any_weight_succeeds():
+    from attacks.lagrange import Lagrange
+    from benchmark.registries import ATTACKS
+
+    assert ATTACKS.get("lagrange") is Lagrange
+    model = _LinearWithLikelihood()
+    x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    threat = LinfThreat(0.02)
+    attack = Lagrange(weights=[0.0, 1.0, 10.0], steps=10, random_start=False)
+    res = attack.run(model, x, y, threat, generator=torch.Generator().manual_seed(0))
+    assert threat.check(x, res.x_adv, res.params) is None
+    single = []
+    for w in (0.0, 1.0, 10.0):
+        r = Lagrange(weights=[w], steps=10, random_start=False).run(model, x, y, threat)
+        single.append(torch.tensor(r.extras["success"]))
+    assert res.extras["success"] == (single[0] | single[1] | single[2]).tolist()
+    fooled = model(res.x_adv).argmax(1) != y
+    assert fooled.tolist() == res.extras["success"]
+    with pytest.raises(ValueError, match="weights must be"):
+        Lagrange(weights=[-1.0])
+
+
+def test_exact_attack_requires_purification(optimal):
+    from attacks.exact import Exact
+
+    assert "purify" in (Exact(steps=1).incompatibility(optimal, LinfThreat(0.1)) or "")
+    rdc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=5, steps=1)
+    rdc.reseed(0)
+    x, y = train_points(optimal)
+    assert Exact(steps=1).incompatibility(rdc, LinfThreat(0.1)) is None
+    res = Exact(steps=2, random_start=False).run(rdc, x[:2], y[:2], LinfThreat(8 / 255))
+    assert res.extras["zero_grad_frac"] < 1.0
