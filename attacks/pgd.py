@@ -89,6 +89,12 @@ class PGD(Attack):
     def budget(self) -> Budget:
         return Budget(steps=self.steps, restarts=self.restarts, eot_draws=self.eot_draws)
 
+    def objective(self, defense: nn.Module, forward: Forward, x_adv: Tensor, y: Tensor,
+                  loss_fn: Any, draws: int) -> tuple[Tensor, Tensor]:
+        """Per-sample loss to maximize and success flags (subclasses add terms, e.g. the
+        Lagrange attack's likelihood penalty)."""
+        return evaluate_draws(forward, x_adv, y, loss_fn, draws)
+
     def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             generator: torch.Generator | None = None) -> AttackResult:
         forward: Forward = self._forward(defense) if self._forward is not None else defense
@@ -106,8 +112,8 @@ class PGD(Attack):
             for _ in range(self.steps):
                 p = p.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    losses, success = evaluate_draws(forward, threat.apply(x, p), y, loss_fn,
-                                                     draws)
+                    losses, success = self.objective(defense, forward, threat.apply(x, p), y,
+                                                     loss_fn, draws)
                     (grad,) = torch.autograd.grad(losses.sum(), p)
                 best.update(p, losses, success)
                 flat = grad.reshape(len(grad), -1)
@@ -118,7 +124,8 @@ class PGD(Attack):
                 with torch.no_grad():
                     p = threat.project(x, p.detach() + step * threat.ascent(grad))
             with torch.no_grad():
-                losses, success = evaluate_draws(forward, threat.apply(x, p), y, loss_fn, draws)
+                losses, success = self.objective(defense, forward, threat.apply(x, p), y,
+                                                 loss_fn, draws)
             best.update(p, losses, success)
 
         assert best is not None

@@ -42,11 +42,16 @@ for _name, _ref in {
     "stadv": "attacks.stadv:StAdv",
     "autoattack": "attacks.autoattack:AutoAttack",
     "torchattacks": "attacks.torchattacks_adapter:TorchAttacks",
+    "exact": "attacks.exact:Exact",
+    "lagrange": "attacks.lagrange:Lagrange",
 }.items():
     ATTACKS.add(_name, _ref)
 
 for _name, _ref in {
     "undefended": "defenses.baseline:Undefended",
+    "dc": "defenses.rdc:DiffusionClassifier",
+    "rdc": "defenses.rdc:RobustDiffusionClassifier",
+    "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
 }.items():
     DEFENSES.add(_name, _ref)
 
