@@ -60,15 +60,49 @@ def _load_denoiser(denoiser: str | Denoiser) -> Denoiser:
     return model
 
 
+def tune_rows_per_batch(denoiser: Denoiser, event: tuple[int, ...], device: torch.device,
+                        dtype: torch.dtype = torch.float32,
+                        sizes: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
+                        budget_s: float = 2.0) -> int:
+    """The batch size with the highest denoiser throughput (rows/s) among ``sizes``."""
+    import time
+
+    best, best_rate = sizes[0], 0.0
+    spent = 0.0
+    nfe = denoiser.nfe
+    for size in sizes:
+        z = torch.zeros((size, *event), device=device, dtype=dtype)
+        lam = torch.zeros(size, device=device, dtype=dtype)
+        y = torch.zeros(size, dtype=torch.long, device=device) if denoiser.conditional else None
+        with torch.no_grad():
+            denoiser.eps_normalized(z, lam, y)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            denoiser.eps_normalized(z, lam, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+        spent += 2 * dt
+        rate = size / max(dt, 1e-9)
+        if rate > best_rate:
+            best, best_rate = size, rate
+        if spent > budget_s:
+            break
+    denoiser.nfe = nfe  # probing is not part of any prediction's cost
+    return best
+
+
 class DiffusionClassifier(Defense):
     """DC: class scores from the conditional noise-prediction error (see module docstring).
 
     Parameters: ``denoiser`` (zoo name or :class:`Denoiser`, class-conditional),
     ``timesteps`` (T', the systematic subset size; recorded in every row through the params),
     ``classes`` (which labels to score; default all), ``share_noise`` (one eps per timestep for
-    all classes), ``rows_per_batch`` (denoiser batch size: on a 2-core CPU a tiny UNet peaks
-    near 32-256 rows and slows down at thousands), ``checkpoint`` (recompute chunks in backward
-    so attack memory does not grow with T' x K activations).
+    all classes), ``rows_per_batch`` (denoiser batch size, or ``"auto"``: on a 2-core CPU a tiny
+    UNet peaks near 32-256 rows and slows down at thousands), ``checkpoint`` (recompute chunks in backward
+    so attack memory does not grow with T' x K activations). ``rows_per_batch="auto"`` measures the
+    denoiser's throughput at a few batch sizes once and keeps the fastest.
     """
 
     kind = "classifier"
@@ -76,7 +110,7 @@ class DiffusionClassifier(Defense):
 
     def __init__(self, *, denoiser: str | Denoiser = "digits-eps", timesteps: int = 100,
                  classes: Sequence[int] | None = None, share_noise: bool = True,
-                 rows_per_batch: int = 256, checkpoint: bool = True) -> None:
+                 rows_per_batch: int | str = "auto", checkpoint: bool = True) -> None:
         super().__init__()
         self.denoiser = _load_denoiser(denoiser).eval()
         self.denoiser.requires_grad_(False)
@@ -97,10 +131,13 @@ class DiffusionClassifier(Defense):
         self.register_buffer("classes", torch.tensor(classes, dtype=torch.long),
                              persistent=False)
         self.num_classes = len(classes)
-        if isinstance(rows_per_batch, bool) or not isinstance(rows_per_batch, int) \
-                or rows_per_batch < 1:
-            raise ValueError(f"rows_per_batch must be an integer >= 1, got {rows_per_batch!r}")
-        self.rows_per_batch = rows_per_batch
+        if rows_per_batch != "auto" and (isinstance(rows_per_batch, bool) or
+                                         not isinstance(rows_per_batch, int) or
+                                         rows_per_batch < 1):
+            raise ValueError(f"rows_per_batch must be 'auto' or an integer >= 1, "
+                             f"got {rows_per_batch!r}")
+        self._rows_setting = rows_per_batch
+        self._tuned: dict[tuple[Any, ...], int] = {}
         self.share_noise = bool(share_noise)
         self.use_checkpoint = bool(checkpoint)
         self.nfe_per_call = len(self.timesteps) * self.num_classes
@@ -110,11 +147,23 @@ class DiffusionClassifier(Defense):
         return torch.randn(shape, generator=self.generator_for(like), device=like.device,
                            dtype=like.dtype)
 
+    def rows_per_batch_for(self, like: Tensor) -> int:
+        """The denoiser batch size: fixed, or (``"auto"``) the fastest of a few sizes, measured
+        once per device and image shape (the largest batch is not the fastest on a CPU)."""
+        if self._rows_setting != "auto":
+            return int(self._rows_setting)
+        key = (like.device.type, like.device.index, tuple(like.shape[1:]), like.dtype)
+        if key not in self._tuned:
+            self._tuned[key] = tune_rows_per_batch(self.denoiser, tuple(like.shape[1:]),
+                                                   like.device, like.dtype)
+        return self._tuned[key]
+
     def _row_errors(self, xt: Tensor, t: Tensor, y: Tensor | None, eps: Tensor) -> Tensor:
         """||eps(x_t, t, y) - eps||^2 per row, in chunks of ``rows_per_batch``."""
         out = []
-        for start in range(0, len(xt), self.rows_per_batch):
-            sl = slice(start, start + self.rows_per_batch)
+        rows = self.rows_per_batch_for(xt)
+        for start in range(0, len(xt), rows):
+            sl = slice(start, start + rows)
             args = (xt[sl], t[sl], None if y is None else y[sl], eps[sl])
             if self.use_checkpoint and torch.is_grad_enabled() and xt.requires_grad:
                 err = checkpoint(self._chunk_error, *args, use_reentrant=False)

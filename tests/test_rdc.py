@@ -73,6 +73,7 @@ def test_batched_rows_equal_a_per_class_reference_loop(optimal):
 def test_nfe_counts_batches_not_rows(optimal):
     x, _ = train_points(optimal)
     dc = DiffusionClassifier(denoiser=optimal.denoiser, timesteps=10, rows_per_batch=50)
+    assert dc.rows_per_batch_for(x) == 50
     dc.reseed(0)
     dc.denoiser.reset_nfe()
     dc(x[:5])  # 5 x 10 timesteps x 10 classes = 500 rows = 10 batches of 50
@@ -198,3 +199,14 @@ def test_exact_attack_requires_purification(optimal):
     assert Exact(steps=1).incompatibility(rdc, LinfThreat(0.1)) is None
     res = Exact(steps=2, random_start=False).run(rdc, x[:2], y[:2], LinfThreat(8 / 255))
     assert res.extras["zero_grad_frac"] < 1.0
+
+
+def test_auto_batch_size_is_one_of_the_probed_sizes(optimal):
+    dc = DiffusionClassifier(denoiser=optimal.denoiser, timesteps=2)
+    x, _ = train_points(optimal)
+    nfe = dc.denoiser.nfe
+    rows = dc.rows_per_batch_for(x)
+    assert rows in (16, 32, 64, 128, 256, 512, 1024)
+    assert dc.denoiser.nfe == nfe  # probing is not counted
+    with pytest.raises(ValueError, match="'auto' or an integer >= 1, got 0"):
+        DiffusionClassifier(denoiser=optimal.denoiser, rows_per_batch=0)
