@@ -99,10 +99,10 @@ class DiffusionClassifier(Defense):
     Parameters: ``denoiser`` (zoo name or :class:`Denoiser`, class-conditional),
     ``timesteps`` (T', the systematic subset size; recorded in every row through the params),
     ``classes`` (which labels to score; default all), ``share_noise`` (one eps per timestep for
-    all classes), ``rows_per_batch`` (denoiser batch size, or ``"auto"``: on a 2-core CPU a tiny
-    UNet peaks near 32-256 rows and slows down at thousands), ``checkpoint`` (recompute chunks in
-    backward so attack memory does not grow with T' x K activations). ``rows_per_batch="auto"`` measures the
-    denoiser's throughput at a few batch sizes once and keeps the fastest.
+    all classes), ``rows_per_batch`` (denoiser batch size, or ``"auto"``, which measures the
+    denoiser's throughput at a few batch sizes once and keeps the fastest: on a 2-core CPU a
+    tiny UNet peaks near 32-256 rows and slows down at thousands), ``checkpoint`` (recompute
+    chunks in backward so attack memory does not grow with T' x K activations).
     """
 
     kind = "classifier"
