@@ -52,6 +52,7 @@ for _name, _ref in {
     "dc": "defenses.rdc:DiffusionClassifier",
     "rdc": "defenses.rdc:RobustDiffusionClassifier",
     "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
+    "diffpure": "defenses.diffpure:DiffPure",
 }.items():
     DEFENSES.add(_name, _ref)
 
