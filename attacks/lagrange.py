@@ -31,7 +31,8 @@ class _Penalized(PGD):
                   loss_fn: Any, draws: int) -> tuple[Tensor, Tensor]:
         losses, success = super().objective(defense, forward, x_adv, y, loss_fn, draws)
         if self.weight:
-            losses = losses - self.weight * defense.likelihood_objective(x_adv)
+            objective: Any = defense.likelihood_objective  # guaranteed by `requires`
+            losses = losses - self.weight * objective(x_adv)
         return losses, success
 
 
@@ -66,9 +67,10 @@ class Lagrange(Attack):
             ok = torch.tensor(res.extras["success"], dtype=torch.bool, device=x.device)
             take = ok & ~fell if x_adv is not None else torch.ones_like(ok)
             if x_adv is None:
-                x_adv, params = res.x_adv.clone(), res.params.clone()
+                x_adv = res.x_adv.clone()
+                params = None if res.params is None else res.params.clone()
             else:
-                assert params is not None
+                assert params is not None and res.params is not None
                 x_adv[take] = res.x_adv[take]
                 params[take] = res.params[take]
             fell |= ok

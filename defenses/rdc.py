@@ -107,6 +107,8 @@ class DiffusionClassifier(Defense):
 
     kind = "classifier"
     stochastic = True
+    timesteps: Tensor  # buffers (declared for type checkers)
+    classes: Tensor
 
     def __init__(self, *, denoiser: str | Denoiser = "digits-eps", timesteps: int = 100,
                  classes: Sequence[int] | None = None, share_noise: bool = True,
@@ -255,6 +257,7 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         self.variant, self.norm, self.steps = variant, norm, steps
         self.eta, self.momentum, self.lr = float(eta), float(momentum), float(lr)
         self.sigma_range = (lo, hi)
+        self.lm_timesteps: Tensor
         if lm_timesteps is not None:
             self.register_buffer("lm_timesteps",
                                  systematic_timesteps(self.schedule.T, lm_timesteps),
