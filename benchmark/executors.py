@@ -97,19 +97,15 @@ class ProcessExecutor:
 
 
 def make_executor(name: str, *, workers: int | None = None, device: str | None = None,
-                  ray_address: str | None = None) -> Executor:
+                  ray_address: str | None = None, num_cpus: float = 1.0,
+                  num_gpus: float = 0.0) -> Executor:
     if name == "local":
         return LocalExecutor(device)
     if name == "process":
         return ProcessExecutor(workers, device)
     if name == "ray":
-        try:
-            from benchmark.executors_ray import RayExecutor  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError as exc:
-            if exc.name == "benchmark.executors_ray":
-                raise ValueError("the 'ray' executor is not implemented yet (it comes with the "
-                                 "scale-out issue); use --executor local or process") from None
-            raise ValueError(f"executor 'ray' needs the extra: pip install 'genbench[ray]' "
-                             f"({exc})") from exc
-        return RayExecutor(workers=workers, address=ray_address)  # type: ignore[no-any-return,unused-ignore]
+        from benchmark.executors_ray import RayExecutor  # imports ray itself, with a clear error
+
+        return RayExecutor(workers=workers, address=ray_address, num_cpus=num_cpus,
+                           num_gpus=num_gpus)
     raise ValueError(f"unknown executor {name!r}; expected one of local, process, ray")

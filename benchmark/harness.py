@@ -163,7 +163,8 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
         "limit": limit, "n_samples": len(plan.sample_ids),
         "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped}, indent=1))
     version = code_version()
-    ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address)
+    ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
+                       num_cpus=suite.num_cpus, num_gpus=suite.num_gpus)
     with Store(db) as store:
         store.set_meta("suite", suite.name)
         finished = {r["key"] for r in store.jobs() if r["status"] == "done" or not retry_errors}

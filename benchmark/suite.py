@@ -11,6 +11,8 @@ the threat models with their epsilons::
     k_draws = 10           # draws per scored input for stochastic defenses
     batch_size = 100       # samples per attack call
     shard_size = 100       # samples per job (the unit of resumption and of distribution)
+    num_cpus = 1           # resources of one job under the ray executor (fractions allowed)
+    num_gpus = 0
 
     [[defenses]]
     name = "undefended"                 # registry name or "package.module:Class"
@@ -110,6 +112,9 @@ class Suite:
     k_draws: int = 10
     batch_size: int = 100
     shard_size: int = 100
+    #: resources of one job as a Ray task (``--executor ray``); other executors ignore them.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
     dataset_params: tuple[tuple[str, Any], ...] = ()
     description: str = ""
     source: str = field(default="", compare=False)
@@ -121,7 +126,7 @@ class Suite:
 
 
 _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
-               "dataset_params", "description"}
+               "dataset_params", "description", "num_cpus", "num_gpus"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
 _THREAT_KEYS = {"name", "eps"}
 _TOP_KEYS = {"suite", "defenses", "attacks", "threat_models"}
@@ -253,7 +258,18 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         if value < 1:
             raise ctx.error(f"suite.{key}", f"must be >= 1, got {value!r}")
         positive[key] = value
+    resources: dict[str, float] = {}
+    for res_key, res_default, zero_ok in (("num_cpus", 1.0, False), ("num_gpus", 0.0, True)):
+        raw = head.get(res_key, res_default)
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ctx.error(f"suite.{res_key}", f"expected a number, got {raw!r}")
+        if raw < 0 or (raw == 0 and not zero_ok):
+            raise ctx.error(f"suite.{res_key}", f"must be {'>= 0' if zero_ok else '> 0'}, "
+                                            f"got {raw!r}")
+        resources[res_key] = float(raw)
     return Suite(
+        num_cpus=resources["num_cpus"],
+        num_gpus=resources["num_gpus"],
         name=_typed(ctx, head, "name", "suite", str, _REQUIRED),
         dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
         subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),

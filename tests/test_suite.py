@@ -81,3 +81,17 @@ def test_error_line_points_at_the_right_table():
     text = GOOD + '\n[[threat_models]]\nname = "l2"\neps = [-1]\n'
     with pytest.raises(SuiteError, match=r"line 20: key 'threat_models\[1\]\.eps'"):
         parse_suite(text, "s.toml")
+
+
+def test_ray_resources_parsed_and_validated() -> None:
+    base = '[suite]\nname = "s"\ndataset = "digits"\nsubset = "test100-v1"\n{extra}\n' \
+           '[[defenses]]\nname = "undefended"\n[[attacks]]\nname = "pgd"\n' \
+           '[[threat_models]]\nname = "linf"\neps = [0.1]\n'
+    suite = parse_suite(base.format(extra="num_cpus = 2\nnum_gpus = 0.25"), source="s.toml")
+    assert (suite.num_cpus, suite.num_gpus) == (2.0, 0.25)
+    default = parse_suite(base.format(extra=""), source="s.toml")
+    assert (default.num_cpus, default.num_gpus) == (1.0, 0.0)
+    with pytest.raises(SuiteError, match=r"suite.num_cpus.*must be > 0, got 0"):
+        parse_suite(base.format(extra="num_cpus = 0"), source="s.toml")
+    with pytest.raises(SuiteError, match=r"suite.num_gpus.*expected a number, got 'one'"):
+        parse_suite(base.format(extra='num_gpus = "one"'), source="s.toml")
