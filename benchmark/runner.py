@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.defense import describe
+from benchmark.diagnostics import safe_diagnostics
 from benchmark.jobs import JobResult, JobSpec, SampleOutcome
 from benchmark.registries import ATTACKS, DEFENSES, THREAT_MODELS
 from benchmark.suite import thaw
@@ -130,6 +131,8 @@ def execute(job: JobSpec, device: str | None = None) -> JobResult:
             counts = correct_counts(defense, x, y, k, num_classes, job.batch_size, who)
             outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
                                                                     counts.tolist(), strict=True)]
+            if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.diagnostics)
+                extras["grad_diagnostics"] = [safe_diagnostics(defense, x, y)]
         else:
             assert job.attack is not None and job.threat is not None and job.eps is not None
             versions["attack"] = str(ATTACKS.provenance(job.attack.name))

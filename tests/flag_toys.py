@@ -1,0 +1,105 @@
+"""Purpose-built toy defenses that trip the validity flags, named in suites as
+``tests.flag_toys:Class``. Each wraps the shipped digits CNN."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from benchmark.defense import Defense
+from benchmark.zoo import load_model
+
+
+class _Wrapped(Defense):
+    def __init__(self, model: str = "digits-cnn") -> None:
+        super().__init__()
+        self.net = load_model(model)
+        self.num_classes = 10
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Quantized(_Wrapped):
+    """Rounds its input to ``levels`` gray levels: gradients are exactly zero, so white-box
+    attacks stall (bad_gradients, above chance at the sanity epsilon), while Square and
+    BPDA (straight-through the rounding) break it."""
+
+    def __init__(self, model: str = "digits-cnn", levels: int = 4) -> None:
+        super().__init__(model)
+        self.levels = levels
+
+    def purify(self, x: Tensor) -> Tensor:
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.purify(x))
+
+
+class Detached(_Wrapped):
+    """Detaches its input: the output does not depend on it through autograd."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.detach())
+
+
+class VeryNoisy(_Wrapped):
+    """Adds large Gaussian noise to its input: every gradient is a different random one."""
+
+    stochastic = True
+
+    def __init__(self, model: str = "digits-cnn", sigma: float = 0.5) -> None:
+        super().__init__(model)
+        self.sigma = sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device)
+        return self.net((x + self.sigma * noise).clamp(0, 1))
+
+
+class Stateful(_Wrapped):
+    """A stateful query detector (Blacklight-like): a query within l-inf ``radius`` of an
+    earlier query of the same job gets the earlier answer. Small steps (many-step PGD) are
+    answered from the cache and never leave the clean prediction, large steps (one-step PGD)
+    are answered honestly: more steps, higher accuracy."""
+
+    def __init__(self, model: str = "digits-cnn", radius: float = 0.1) -> None:
+        super().__init__(model)
+        self.radius = radius
+        self._keys: list[Tensor] = []
+        self._values: list[Tensor] = []
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        self._keys, self._values = [], []  # one memory per job
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.detach().reshape(len(x), -1)
+        out = self.net(x)
+        if self._keys:
+            keys, values = torch.cat(self._keys), torch.cat(self._values)
+            dist = (flat[:, None, :] - keys[None]).abs().amax(dim=2)
+            close = dist < self.radius
+            hit = close.any(dim=1)
+            idx = close.float().argmax(dim=1)  # the earliest close query
+            out = torch.where(hit[:, None], values[idx], out)
+        else:
+            hit = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self._keys.append(flat[~hit])
+        self._values.append(out.detach()[~hit])
+        return out
+
+
+class Rounding(_Wrapped):
+    """Rounds its input like :class:`Quantized` but declares no purification stage, so no
+    BPDA runs: Square is the only attack that gets past the zero gradients."""
+
+    def __init__(self, model: str = "digits-cnn", levels: int = 4) -> None:
+        super().__init__(model)
+        self.levels = levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(torch.round(x * (self.levels - 1)) / (self.levels - 1))

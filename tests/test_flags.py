@@ -1,0 +1,195 @@
+"""Validity flags: each fires on a purpose-built toy defense (tests/flag_toys.py) and stays
+silent on the undefended CNN."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.diagnostics import gradient_diagnostics
+from benchmark.flags import FLAG_HELP, collect_evidence, compute_flags, is_blackbox
+from benchmark.harness import plan_suite, run_suite
+from benchmark.store import Store
+from benchmark.suite import parse_suite
+from benchmark.zoo import load_model
+from tests import flag_toys
+
+SUITE = """
+[suite]
+name = "flags"
+dataset = "digits"
+subset = "test100-v1"
+seed = 0
+k_draws = 3
+batch_size = 16
+shard_size = 16
+
+[[defenses]]
+name = "undefended"
+params = { model = "digits-cnn" }
+
+[[defenses]]
+id = "quantized"
+name = "tests.flag_toys:Quantized"
+
+[[defenses]]
+id = "rounding"
+name = "tests.flag_toys:Rounding"
+
+[[defenses]]
+id = "detached"
+name = "tests.flag_toys:Detached"
+
+[[defenses]]
+id = "noisy"
+name = "tests.flag_toys:VeryNoisy"
+
+[[defenses]]
+id = "stateful"
+name = "tests.flag_toys:Stateful"
+
+[[attacks]]
+id = "pgd"
+name = "pgd"
+params = { steps = 10, random_start = false }
+
+[[attacks]]
+id = "pgd-1"
+name = "pgd"
+params = { steps = 1, random_start = false }
+
+[[attacks]]
+id = "bpda"
+name = "bpda"
+params = { attack = "pgd", steps = 10, random_start = false }
+
+[[attacks]]
+id = "square"
+name = "torchattacks"
+params = { attack = "Square", n_queries = 100 }
+
+[[threat_models]]
+name = "linf"
+eps = [0.2, 0.5]
+"""
+
+
+@pytest.fixture(scope="module")
+def flagged(tmp_path_factory) -> pd.DataFrame:
+    torch.set_num_threads(1)
+    suite = parse_suite(SUITE, source="flags.toml")
+    out = tmp_path_factory.mktemp("flags")
+    run_suite(suite, out, limit=16, progress="none", log=lambda _: None)
+    plan = plan_suite(suite, limit=16)
+    from benchmark.leaderboard import build_leaderboard
+
+    with Store(out / "runs.sqlite") as store:
+        frame = build_leaderboard(store, plan, "test")
+        evidence = collect_evidence(store, plan)
+    frame["flags"] = compute_flags(frame, evidence)
+    return frame
+
+
+def _flags(frame: pd.DataFrame, defense: str, attack: str | None = None,
+           eps: float | None = None) -> set[str]:
+    rows = frame[frame.defense == defense]
+    if attack is not None:
+        rows = rows[rows.attack == attack]
+    if eps is not None:
+        rows = rows[rows.eps == eps]
+    assert len(rows), (defense, attack, eps)
+    return {f for v in rows["flags"] for f in str(v).split(";") if f}
+
+
+def test_every_flag_has_a_one_line_explanation():
+    for name, text in FLAG_HELP.items():
+        assert name.isidentifier() and text and "\n" not in text
+
+
+def test_undefended_is_silent(flagged):
+    assert _flags(flagged, "undefended") == set(), flagged[flagged.defense == "undefended"][
+        ["attack", "eps", "robust_acc", "flags"]]
+
+
+def test_quantized_input_zero_gradients(flagged):
+    assert "bad_gradients" in _flags(flagged, "quantized", "pgd")
+    assert "bad_gradients" not in _flags(flagged, "quantized", "square")  # black-box row
+
+
+def test_rounding_square_beats_whitebox(flagged):
+    assert "blackbox_beats_whitebox" in _flags(flagged, "rounding", "square", 0.2)
+    # with BPDA among the white-box attacks of the quantized defense, Square wins nothing
+    assert "blackbox_beats_whitebox" not in _flags(flagged, "quantized", "square", 0.2)
+
+
+def test_quantized_bpda_and_exact_disagree(flagged):
+    assert "bpda_exact_disagree" in _flags(flagged, "quantized", "bpda", 0.2)
+    assert "bpda_exact_disagree" in _flags(flagged, "quantized", "pgd", 0.2)
+
+
+def test_quantized_above_chance_at_sanity_eps(flagged):
+    # l-inf 0.5 turns every image into the same gray one; PGD with zero gradients never moves
+    assert "above_chance_at_sanity_eps" in _flags(flagged, "quantized", "pgd", 0.5)
+    assert "above_chance_at_sanity_eps" not in _flags(flagged, "quantized", "pgd", 0.2)
+
+
+def test_detached_gradient(flagged):
+    assert "bad_gradients" in _flags(flagged, "detached", "worst_case")
+    assert "attack_error" in _flags(flagged, "detached", "pgd")  # PGD cannot differentiate
+
+
+def test_large_noise_gradient_randomness_without_eot(flagged):
+    assert "grad_randomness_no_eot" in _flags(flagged, "noisy", "pgd")
+    assert "grad_randomness_no_eot" not in _flags(flagged, "undefended")
+
+
+def test_stateful_more_steps_raise_accuracy(flagged):
+    rows = flagged[(flagged.defense == "stateful") & (flagged.eps == 0.2)].set_index("attack")
+    assert rows.loc["pgd", "robust_acc"] > rows.loc["pgd-1", "robust_acc"]
+    assert "more_steps_higher_acc" in _flags(flagged, "stateful", "pgd", 0.2)
+    assert "more_steps_higher_acc" not in _flags(flagged, "stateful", "pgd-1")
+
+
+def test_gradient_diagnostics_oracles():
+    torch.set_num_threads(1)
+    net = load_model("digits-cnn")
+    x = torch.rand(4, 1, 16, 16)
+    y = torch.arange(4)
+    clean = gradient_diagnostics(net, x, y)
+    assert clean.cosine == pytest.approx(1.0) and clean.zero_frac == 0 and not clean.detached
+    quant = gradient_diagnostics(flag_toys.Quantized(), x, y)
+    assert quant.zero_frac == 1.0 and math.isnan(quant.cosine)
+    assert gradient_diagnostics(flag_toys.Detached(), x, y).detached
+    noisy = flag_toys.VeryNoisy()
+    noisy.reseed(0)
+    assert gradient_diagnostics(noisy, x, y).cosine < 0.9
+
+
+def test_blackbox_rows_recognised():
+    def row(name: str, params: dict) -> dict:
+        return {"attack_name": name, "attack_params": json.dumps(params)}
+
+    assert is_blackbox(row("torchattacks", {"attack": "Square", "n_queries": 10}))
+    assert is_blackbox(row("autoattack", {"version": "custom", "attacks": ["square"]}))
+    assert is_blackbox(row("square", {}))
+    assert not is_blackbox(row("autoattack", {"version": "standard"}))
+    assert not is_blackbox(row("torchattacks", {"attack": "PGD"}))
+
+
+def test_rows_alone_support_frame_flags():
+    """Without store evidence: the row-level flags still work, gradient ones are off."""
+    base = dict(defense="d", defense_params="{}", threat_model="linf", eps=0.1, n=100,
+                stochastic=False, n_errors=0, error=None, steps=None, eot_draws=1)
+    rows = [dict(base, attack="pgd-10", attack_name="pgd", attack_params='{"steps": 10}',
+                 steps=10, robust_acc=0.5, robust_ci_low=0.4, robust_ci_high=0.6),
+            dict(base, attack="pgd-100", attack_name="pgd", attack_params='{"steps": 100}',
+                 steps=100, robust_acc=0.55, robust_ci_low=0.45, robust_ci_high=0.65),
+            dict(base, attack="sq", attack_name="torchattacks",
+                 attack_params='{"attack": "Square"}', robust_acc=0.3, robust_ci_low=0.2,
+                 robust_ci_high=0.4)]
+    flags = compute_flags(pd.DataFrame(rows)).tolist()
+    assert flags == ["", "more_steps_higher_acc", "blackbox_beats_whitebox"]
