@@ -7,8 +7,11 @@ STAMP  := $(VENV)/.genbench-installed
 SUITE  ?= quick
 OUT    ?= results/$(SUITE)
 ARGS   ?=
+# make bench fails when a benchmark's mean is this much slower than the saved baseline.
+BENCH_FAIL    ?= mean:25%
+BENCH_STORAGE := file://benchmarks/baselines
 
-.PHONY: run test test-slow bench lint typecheck install clean
+.PHONY: run test test-slow bench bench-save lint typecheck install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +31,14 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -m benchmark --benchmark-enable $(ARGS)
+	$(BIN)/python -m pytest -q -m benchmark --benchmark-enable \
+	  --benchmark-storage=$(BENCH_STORAGE) --benchmark-compare \
+	  --benchmark-compare-fail=$(BENCH_FAIL) $(ARGS)
+
+# Save the current timings as the baseline `make bench` compares against (on a quiet machine).
+bench-save: $(STAMP)
+	$(BIN)/python -m pytest -q -m benchmark --benchmark-enable \
+	  --benchmark-storage=$(BENCH_STORAGE) --benchmark-save=baseline $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check benchmark defenses attacks threat_models tests
