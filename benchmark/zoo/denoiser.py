@@ -158,7 +158,7 @@ class Denoiser(nn.Module):
         a, s, lam = self.coefficients(x_t, t, schedule=schedule)
         labels = self.check_labels(y, x_t.shape[0], x_t.device)
         z = x_t / _per_sample(torch.sqrt(a * a + s * s), x_t)
-        out = self.eps_normalized(z, lam, labels)
+        out = self(z, lam, labels)  # through __call__, so module hooks (NFE counters) see it
         self.nfe += 1
         if out.shape != x_t.shape:
             raise RuntimeError(f"{type(self).__name__}.eps_normalized returned shape "
