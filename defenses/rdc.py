@@ -25,6 +25,7 @@ Both defenses are stochastic (fresh eps on every call, drawn from the harness-se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -211,11 +212,15 @@ class DiffusionClassifier(Defense):
     def forward(self, x: Tensor) -> Tensor:
         return -self.class_losses(x)
 
-    def likelihood_objective(self, x: Tensor) -> Tensor:
-        """The unconditional diffusion loss per sample (lower = higher likelihood bound)."""
+    def likelihood_objective(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
+        """The unconditional diffusion loss per sample (lower = higher likelihood bound).
+
+        ``eps`` (B, T', *event) fixes the noise; by default it is drawn from the defense's
+        generator."""
         b, tp = len(x), len(self.timesteps)
         event = tuple(x.shape[1:])
-        eps = self._noise((b, tp, *event), x)
+        if eps is None:
+            eps = self._noise((b, tp, *event), x)
         xt = self._perturb(x, eps).reshape(b * tp, *event)
         t_rows = self.timesteps.repeat(b)
         err = self._row_errors(xt, t_rows, None, eps.reshape(b * tp, *event))
@@ -267,66 +272,99 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         lm_nfe = (len(self.lm_timesteps) if variant == "v1" else 1) * steps
         self.nfe_per_call = lm_nfe + len(self.timesteps) * self.num_classes
 
-    def _lm_loss(self, x01: Tensor) -> Tensor:
+    def _lm_noise(self, x01: Tensor) -> tuple[float, Tensor]:
+        """The randomness of one likelihood-maximization step, drawn before the step so that a
+        checkpointed step recomputes with the same noise: (EDM sigma, eps) for ``t1`` (one
+        noise level per step, the later public code), (nan, eps over the T' timesteps) for
+        ``v1``."""
         if self.variant == "t1":
-            # one EDM noise level per step (the later public code)
-            g = self.generator_for(x01)
             lo, hi = self.sigma_range
+            g = self.generator_for(x01)
             sigma = lo + (hi - lo) * torch.rand((), generator=g, device=x01.device).item()
-            eps = self._noise(tuple(x01.shape), x01)
+            return sigma, self._noise(tuple(x01.shape), x01)
+        b, tp = len(x01), len(self.lm_timesteps)
+        return math.nan, self._noise((b, tp, *x01.shape[1:]), x01)
+
+    def _lm_loss(self, x01: Tensor, sigma: float, eps: Tensor) -> Tensor:
+        if self.variant == "t1":
             xt = (2 * x01 - 1) + sigma * eps
             pred = self.denoiser.eps(xt, sigma, None, schedule=EDM())
             return (pred - eps).pow(2).flatten(1).sum(1)
         saved = self.timesteps
         try:
             self.timesteps = self.lm_timesteps
-            return self.likelihood_objective(x01)
+            return self.likelihood_objective(x01, eps)
         finally:
             self.timesteps = saved
 
     def purify(self, x: Tensor) -> Tensor:
         """Likelihood maximization. Differentiable end to end (second order) when ``x``
-        requires grad; otherwise runs without building a graph."""
+        requires grad; otherwise runs without building a graph.
+
+        On the exact path each step is checkpointed (``checkpoint=True``): its second-order
+        graph is recomputed in the backward pass, so memory grows with N times the state
+        (image, momentum), not N times the denoiser's activations."""
         exact = torch.is_grad_enabled() and x.requires_grad
         x0 = x if exact else x.detach()
         x_hat = x0
         m = torch.zeros_like(x0)
+        save = exact and self.use_checkpoint
         if self.variant == "t1":
-            # Adam in [-1, 1] space, implemented functionally so the exact gradient can pass.
-            b1, b2, tiny = 0.9, 0.999, 1e-8
             v = torch.zeros_like(x0)
             for n in range(1, self.steps + 1):
-                g = self._lm_grad(x_hat, exact)
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
-                m_hat, v_hat = m / (1 - b1 ** n), v / (1 - b2 ** n)
-                # lr is in [-1, 1] units: halve it for [0, 1] images
-                # sqrt(v + tiny^2): sqrt has an infinite derivative at 0 (NaN exact gradients)
-                x_hat = (x_hat - 0.5 * self.lr * m_hat / (v_hat + tiny * tiny).sqrt()
-                         ).clamp(0, 1)
+                sigma, eps = self._lm_noise(x0)
+                if save:
+                    x_hat, m, v = checkpoint(self._t1_step, x_hat, m, v, eps, n, sigma, exact,
+                                             use_reentrant=False)
+                else:
+                    x_hat, m, v = self._t1_step(x_hat, m, v, eps, n, sigma, exact)
             return x_hat
-        step = self.eta / max(self.steps, 1)
         for _ in range(self.steps):
-            g = self._lm_grad(x_hat, exact)
-            if self.norm == "linf":
-                l1 = g.abs().flatten(1).sum(1).clamp_min(1e-12)
-                m = self.momentum * m - g / l1.view(-1, *[1] * (g.dim() - 1))
-                x_hat = x_hat + step * m.sign()
-                x_hat = torch.min(torch.max(x_hat, x0 - self.eta), x0 + self.eta).clamp(0, 1)
+            _, eps = self._lm_noise(x0)
+            if save:
+                x_hat, m = checkpoint(self._v1_step, x_hat, m, x0, eps, exact,
+                                      use_reentrant=False)
             else:
-                l2 = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-                m = self.momentum * m - g / l2.view(-1, *[1] * (g.dim() - 1))
-                mn = m.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
-                delta = x_hat + step * m / mn - x0
-                dn = delta.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
-                delta = delta * torch.clamp(self.eta / dn.clamp_min(1e-12), max=1.0)
-                x_hat = (x0 + delta).clamp(0, 1)
+                x_hat, m = self._v1_step(x_hat, m, x0, eps, exact)
         return x_hat
 
-    def _lm_grad(self, x_hat: Tensor, exact: bool) -> Tensor:
+    def _t1_step(self, x_hat: Tensor, m: Tensor, v: Tensor, eps: Tensor, n: int, sigma: float,
+                 exact: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Adam in [-1, 1] space, written functionally so the exact gradient can pass."""
+        b1, b2, tiny = 0.9, 0.999, 1e-8
+        g = self._lm_grad(x_hat, sigma, eps, exact)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** n), v / (1 - b2 ** n)
+        # lr is in [-1, 1] units: halve it for [0, 1] images
+        # sqrt(v + tiny^2): sqrt has an infinite derivative at 0 (NaN exact gradients)
+        x_hat = (x_hat - 0.5 * self.lr * m_hat / (v_hat + tiny * tiny).sqrt()).clamp(0, 1)
+        return x_hat, m, v
+
+    def _v1_step(self, x_hat: Tensor, m: Tensor, x0: Tensor, eps: Tensor,
+                 exact: bool) -> tuple[Tensor, Tensor]:
+        """One momentum step of algorithm 1 (sign steps in l-inf, normalized in l2)."""
+        step = self.eta / max(self.steps, 1)
+        g = self._lm_grad(x_hat, math.nan, eps, exact)
+        shape = (-1, *[1] * (g.dim() - 1))
+        if self.norm == "linf":
+            l1 = g.abs().flatten(1).sum(1).clamp_min(1e-12)
+            m = self.momentum * m - g / l1.view(shape)
+            x_hat = x_hat + step * m.sign()
+            x_hat = torch.min(torch.max(x_hat, x0 - self.eta), x0 + self.eta).clamp(0, 1)
+            return x_hat, m
+        l2 = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+        m = self.momentum * m - g / l2.view(shape)
+        mn = m.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        delta = x_hat + step * m / mn - x0
+        dn = delta.flatten(1).norm(dim=1).view(shape)
+        delta = delta * torch.clamp(self.eta / dn.clamp_min(1e-12), max=1.0)
+        return (x0 + delta).clamp(0, 1), m
+
+    def _lm_grad(self, x_hat: Tensor, sigma: float, eps: Tensor, exact: bool) -> Tensor:
         with torch.enable_grad():
             xh = x_hat if exact else x_hat.detach().requires_grad_(True)
-            loss = self._lm_loss(xh).sum()
+            loss = self._lm_loss(xh, sigma, eps).sum()
             (g,) = torch.autograd.grad(loss, xh, create_graph=exact)
         return g
 

@@ -31,9 +31,21 @@ def test_good_suite_parses_with_defaults():
 
 def test_shipped_suites_parse():
     names = shipped_suites()
-    assert {"quick", "digits", "cifar10"} <= set(names)
+    assert {"quick", "digits", "digits-dc", "cifar10"} <= set(names)
     for name in names:
         assert load_suite(name).name == name
+
+
+def test_digits_dc_suite_plans_every_paper_attack_on_rdc():
+    """The DC-family suite builds its plug-ins and pairs RDC with every attack of the paper."""
+    from benchmark.harness import plan_suite
+
+    plan = plan_suite(load_suite("digits-dc"), limit=4)
+    pairs = {(j.defense.id, j.attack.id if j.attack else "clean", j.threat) for j in plan.jobs}
+    for attack in ("pgd-eot", "bpda", "exact", "lagrange", "apgd-dlr"):
+        assert ("rdc-v1", attack, "linf") in pairs and ("rdc-t1", attack, "l2") in pairs
+    assert ("rdc-v1", "stadv", "stadv") in pairs and ("dc", "lagrange", "linf") in pairs
+    assert not any(d == "dc" and a in ("bpda", "exact") for d, a, _ in pairs)
 
 
 def test_malformed_toml_names_file_and_line():
