@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol
@@ -36,8 +38,23 @@ class LocalExecutor:
 _WORKER_DEVICE: str | None = None
 
 
-def _init_worker(slots: Any, threads: int) -> None:
+def watch_parent(parent: int, interval: float = 1.0) -> None:
+    """Exit this process when its parent ``parent`` (the driver's pid, passed in so that a
+    driver dying during start-up is caught too) is gone and this process re-parented: a driver
+    killed with SIGKILL or SIGTERM must not leave workers computing jobs nobody will store."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="genbench-parent-watch", daemon=True).start()
+
+
+def _init_worker(slots: Any, threads: int, driver: int) -> None:
     global _WORKER_DEVICE
+    watch_parent(driver)
     slot = slots.get()
     if slot is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
@@ -82,7 +99,7 @@ class ProcessExecutor:
             slots.put(s)
         with ProcessPoolExecutor(max_workers=len(self.slots), mp_context=ctx,
                                  initializer=_init_worker,
-                                 initargs=(slots, self.threads)) as pool:
+                                 initargs=(slots, self.threads, os.getpid())) as pool:
             pending: dict[Future[JobResult], JobSpec] = {
                 pool.submit(_run_in_worker, job): job for job in jobs}
             try:

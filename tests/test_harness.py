@@ -254,3 +254,48 @@ def test_leaderboard_command_and_list(tmp_path, capsys):
         assert main(["list", what]) == 0
         names = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
         assert expected in names
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing as mp, os, sys, time
+sys.path.insert(0, {root!r})
+
+def child(driver):
+    from benchmark.executors import watch_parent
+    watch_parent(driver, interval=0.1)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    p = mp.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    p.start()
+    with open(sys.argv[1], "w") as f:
+        f.write(str(p.pid))
+    os._exit(0)    # the driver dies at once, without cleaning up (as under SIGKILL)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc (Linux)")
+def test_process_workers_exit_when_the_driver_dies(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(_ORPHAN_SCRIPT.format(root=str(Path(__file__).parents[1])))
+    pid_file = tmp_path / "child.pid"
+    subprocess.run([sys.executable, str(script), str(pid_file)], timeout=60, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+    deadline = time.time() + 30  # the child imports torch before its watch starts
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the orphaned worker is still running"
