@@ -8,6 +8,7 @@ from torch import Tensor
 
 from benchmark.defense import Defense
 from benchmark.zoo import load_model
+from tests.plugins import NoisyDefense
 
 
 class _Wrapped(Defense):
@@ -46,18 +47,11 @@ class Detached(_Wrapped):
         return self.net(x.detach())
 
 
-class VeryNoisy(_Wrapped):
+class VeryNoisy(NoisyDefense):
     """Adds large Gaussian noise to its input: every gradient is a different random one."""
 
-    stochastic = True
-
     def __init__(self, model: str = "digits-cnn", sigma: float = 0.5) -> None:
-        super().__init__(model)
-        self.sigma = sigma
-
-    def forward(self, x: Tensor) -> Tensor:
-        noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device)
-        return self.net((x + self.sigma * noise).clamp(0, 1))
+        super().__init__(model, sigma)
 
 
 class Stateful(_Wrapped):
