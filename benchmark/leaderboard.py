@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.flags import compute_flags
+from benchmark.flags import collect_evidence, compute_flags
 from benchmark.jobs import CLEAN
 from benchmark.scoring import aggregate
 from benchmark.store import Store
@@ -102,7 +102,8 @@ def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFra
 
     rows += _worst_case_rows(rows, per_sample, clean, clean_k)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["flags"] = compute_flags(frame)
+    # every flag, the store-evidence ones included (gradients, per-sample black-box vs white-box)
+    frame["flags"] = compute_flags(frame, collect_evidence(store, plan))
     return frame.sort_values(["threat_model", "eps", "defense", "attack"],
                              key=lambda s: s.map(lambda v: (v == WORST, v) if s.name == "attack"
                                                  else v),
