@@ -6,19 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.defense import Defense
-from benchmark.zoo import load_model
-from tests.plugins import NoisyDefense
-
-
-class _Wrapped(Defense):
-    def __init__(self, model: str = "digits-cnn") -> None:
-        super().__init__()
-        self.net = load_model(model)
-        self.num_classes = 10
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+from tests.plugins import NoisyDefense, _Wrapped
 
 
 class Quantized(_Wrapped):
