@@ -13,14 +13,13 @@ and EOT around them: ``BPDA(attack="eot", draws=20)``) through this view.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import accepts
-from benchmark.attack import Attack, AttackResult, Budget, Forward
+from attacks.eot import WrappedAttack
+from benchmark.attack import AttackResult, Forward
 from benchmark.defense import has_capability
 from benchmark.threat import ThreatModel
 
@@ -40,32 +39,16 @@ def bpda_forward(defense: nn.Module) -> Forward:
     return forward
 
 
-class BPDA(Attack):
+class BPDA(WrappedAttack):
     """Runs an inner attack against the BPDA view of a defense with a purification stage."""
 
     name: ClassVar[str] = "bpda"
     requires: ClassVar[frozenset[str]] = frozenset({"kind:classifier", "purify"})
 
     def __init__(self, *, attack: str = "pgd", **inner_params: Any) -> None:
-        from benchmark.registries import ATTACKS
-
         if "forward" in inner_params:
             raise TypeError("BPDA sets the inner attack's forward hook itself; do not pass one")
-        cls: Callable[..., Attack] = ATTACKS.get(attack)
-        if not accepts(cls, "forward"):
-            raise TypeError(f"attack {attack!r} ({getattr(cls, '__name__', cls)}) "
-                            "takes no forward hook, so BPDA cannot wrap it")
-        self.attack = attack
-        self.inner_params = dict(inner_params)
-        self._inner: Attack = cls(forward=bpda_forward, **inner_params)
-
-    @property
-    def inner(self) -> Attack:
-        return self._inner
-
-    @property
-    def budget(self) -> Budget:
-        return self._inner.budget
+        self._build_inner(attack, "forward", bpda_forward, inner_params)
 
     def config(self) -> dict[str, Any]:
         return {"attack": self.attack, **self.inner_params}

@@ -59,7 +59,35 @@ def evaluate_draws(forward: Forward, x_adv: Tensor, y: Tensor, loss: Loss, draws
     return losses, wrong & torch.isfinite(losses)
 
 
-class EOT(Attack):
+class WrappedAttack(Attack):
+    """An attack that runs a registered inner attack built with one extra keyword (EOT's
+    ``eot_draws``, BPDA's ``forward`` hook); budget and requirements are the inner attack's."""
+
+    _inner: Attack
+
+    def _build_inner(self, attack: str, keyword: str, value: Any,
+                     inner_params: dict[str, Any]) -> Attack:
+        from benchmark.registries import ATTACKS
+
+        cls: Callable[..., Attack] = ATTACKS.get(attack)
+        if not accepts(cls, keyword):
+            raise TypeError(f"attack {attack!r} ({getattr(cls, '__name__', cls)}) takes no "
+                            f"{keyword} parameter, so {type(self).__name__} cannot wrap it")
+        self.attack = attack
+        self.inner_params = dict(inner_params)
+        self._inner = cls(**{keyword: value}, **inner_params)
+        return self._inner
+
+    @property
+    def inner(self) -> Attack:
+        return self._inner
+
+    @property
+    def budget(self) -> Budget:
+        return self._inner.budget
+
+
+class EOT(WrappedAttack):
     """Any gradient attack with an ``eot_draws`` parameter, run with ``draws`` draws per step.
 
     ``EOT(attack="pgd", draws=20, **inner_params)`` builds ``ATTACKS[attack](eot_draws=draws,
@@ -69,26 +97,10 @@ class EOT(Attack):
     name = "eot"
 
     def __init__(self, *, attack: str = "pgd", draws: int = 20, **inner_params: Any) -> None:
-        from benchmark.registries import ATTACKS
-
-        self.attack = attack
         self.draws = check_positive_int(draws, "draws")
         if "eot_draws" in inner_params:
             raise TypeError("EOT takes the number of draws as draws=, not eot_draws=")
-        cls: Callable[..., Attack] = ATTACKS.get(attack)
-        if not accepts(cls, "eot_draws"):
-            raise TypeError(f"attack {attack!r} ({getattr(cls, '__name__', cls)}) "
-                            "takes no eot_draws parameter, so EOT cannot wrap it")
-        self.inner_params = dict(inner_params)
-        self._inner: Attack = cls(eot_draws=self.draws, **inner_params)
-
-    @property
-    def inner(self) -> Attack:
-        return self._inner
-
-    @property
-    def budget(self) -> Budget:
-        return self._inner.budget
+        self._build_inner(attack, "eot_draws", self.draws, inner_params)
 
     def config(self) -> dict[str, Any]:
         # Flat, so that EOT(**config()) rebuilds the attack; hooks (callables) are not config.
