@@ -18,7 +18,16 @@ from attacks.losses import ce, dlr, margin
 from benchmark.attack import Attack, Budget
 from benchmark.registries import ATTACKS
 from benchmark.threat import ThreatModel
-from tests.toys import Linear, NoisyLinear, Quantized, Recorder, TinyCNN, smooth_images
+from tests.toys import (
+    Linear,
+    NoisyLinear,
+    Quantized,
+    Recorder,
+    TinyCNN,
+    gen,
+    single_thread,
+    smooth_images,
+)
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 
 OURS = ("pgd", "eot", "bpda", "stadv", "autoattack", "torchattacks")
@@ -26,15 +35,11 @@ OURS = ("pgd", "eot", "bpda", "stadv", "autoattack", "torchattacks")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Tiny tensors: thread-pool overhead dominates, and shared CI cores make it erratic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = gen
 
 
 # -- losses ------------------------------------------------------------------------------------

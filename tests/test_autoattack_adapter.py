@@ -13,20 +13,17 @@ from attacks import PGD, AutoAttack, StAdv, TorchAttacks
 from attacks.autoattack import VERSION_BUDGETS, DefenseView
 from benchmark.attack import Attack, Budget
 from benchmark.threat import ThreatModel
-from tests.toys import Linear, NoisyLinear
+from tests.toys import Linear, NoisyLinear, gen, single_thread
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = gen
 
 
 def _linear(classes: int = 3, n: int = 24, seed: int = 0) -> tuple[Linear, torch.Tensor,

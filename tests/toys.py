@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,3 +107,19 @@ class Recorder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.inputs.append(x.detach().clone())
         return self.net(x)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch thread for tiny tensors (thread-pool overhead dominates on shared CI cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
