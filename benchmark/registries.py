@@ -53,6 +53,7 @@ for _name, _ref in {
     "rdc": "defenses.rdc:RobustDiffusionClassifier",
     "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
     "diffpure": "defenses.diffpure:DiffPure",
+    "flow": "defenses.density:FlowDensity",
 }.items():
     DEFENSES.add(_name, _ref)
 

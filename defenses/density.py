@@ -1,0 +1,105 @@
+"""The density-defense contract and the zoo's normalizing flows as density defenses.
+
+A ``kind = "density"`` defense scores images in [0, 1] (NCHW, float32) with a per-sample
+log-likelihood: ``forward(x) == log_prob(x)`` (nats, shape (B,)), the number every reported
+metric uses. On top of the :class:`benchmark.defense.Defense` contract it provides:
+
+* ``dim``: D, the number of dimensions of one image;
+* ``bpd_offset``: the constant of the bits-per-dimension convention,
+  ``bpd = -log p / (D ln 2) + bpd_offset`` (8 for data on [0, 1]: 8-bit NLL of uniformly
+  dequantized images; 7 for data on [-1, 1]);
+* ``attack_log_prob(x)``: the differentiable log-likelihood attacks optimize. For exact-density
+  models (flows) this is ``log_prob``; for the PF-ODE detector it is the cheap ``fast`` solver,
+  while ``log_prob`` (what is reported) uses the ``accurate`` one;
+* ``bits_per_dim(x)``.
+
+Detection (DESIGN.md section 5, seeds 000 and 003): an image is *accepted* when its log p is at
+least the threshold that accepts 95% of the clean test images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from benchmark.defense import Defense
+
+__all__ = ["DensityDefense", "FlowDensity", "check_images"]
+
+_LN2 = math.log(2.0)
+
+
+def check_images(x: Tensor, *, low: float = 0.0, high: float = 1.0, what: str = "x") -> None:
+    """Raise a ValueError naming the offending range if ``x`` is not NCHW within [low, high]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be a batch of images (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} has non-finite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < low - 1e-6 or hi > high + 1e-6:
+        raise ValueError(f"{what} must lie in the model's range [{low}, {high}], "
+                         f"got values in [{lo:.4g}, {hi:.4g}]")
+
+
+class DensityDefense(Defense):
+    """Base class of density defenses (see the module docstring for the contract)."""
+
+    kind = "density"
+    differentiable = True
+    #: bits/dim = -log p / (D ln 2) + bpd_offset
+    bpd_offset: ClassVar[float] = 8.0
+    dim: int = 0
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attack_log_prob(self, x: Tensor) -> Tensor:
+        """The differentiable objective attacks use (``log_prob`` unless overridden)."""
+        return self.log_prob(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_prob(x)
+
+    def bits_per_dim(self, x: Tensor) -> Tensor:
+        return self.logp_to_bpd(self.log_prob(x))
+
+    def logp_to_bpd(self, logp: Tensor) -> Tensor:
+        return -logp / (self.dim * _LN2) + self.bpd_offset
+
+
+class FlowDensity(DensityDefense):
+    """A zoo normalizing flow (RealNVP / Glow; clean, adversarial or hybrid training) scored by
+    its exact log-likelihood (Pope, Balaji & Feizi 2020). Deterministic: dequantization noise is
+    kept outside the model, so attack objectives are not random."""
+
+    stochastic = False
+    bpd_offset = 8.0
+
+    def __init__(self, *, model: str = "digits-realnvp-clean") -> None:
+        super().__init__()
+        from benchmark.zoo import get_entry, load_model
+        from benchmark.zoo.flows import Flow
+
+        entry = get_entry(model)
+        net = load_model(model)
+        if not isinstance(net, Flow):
+            raise ValueError(f"model {model!r} is a {type(net).__name__}, not a normalizing "
+                             f"flow (expected one of the zoo's RealNVP / Glow entries)")
+        self.model_name = model
+        self.dataset = entry.dataset
+        self.flow = net.eval()
+        self.dim = int(net.dim)
+        self.nfe_per_call = 1
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        check_images(x)
+        return self.flow.log_prob(x)
+
+    def extra_repr(self) -> str:
+        return f"model={self.model_name!r}, " + super().extra_repr()
