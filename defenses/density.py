@@ -11,7 +11,14 @@ metric uses. On top of the :class:`benchmark.defense.Defense` contract it provid
 * ``attack_log_prob(x)``: the differentiable log-likelihood attacks optimize. For exact-density
   models (flows) this is ``log_prob``; for the PF-ODE detector it is the cheap ``fast`` solver,
   while ``log_prob`` (what is reported) uses the ``accurate`` one;
-* ``bits_per_dim(x)``.
+* ``bits_per_dim(x)``;
+* optionally ``log_prob_terms(x, solver=...)`` -> ``{"logp", "integral", "prior"}`` (capability
+  ``log_prob_terms``; the prior-only attack needs it) and ``sample_from_latent(x1, solver=...)``
+  -> ``(x, logp)``, the image reached by integrating a latent backwards and its log-likelihood
+  (capability ``sample_from_latent``; the reverse-integration attack needs it).
+
+Log-likelihoods are densities of ``x`` in [0, 1]^D coordinates whatever space the model works
+in (a model on [-1, 1] adds D ln 2), so bits/dim read the same for every density defense.
 
 Detection (DESIGN.md section 5, seeds 000 and 003): an image is *accepted* when its log p is at
 least the threshold that accepts 95% of the clean test images.
@@ -62,6 +69,20 @@ class DensityDefense(Defense):
     def attack_log_prob(self, x: Tensor) -> Tensor:
         """The differentiable objective attacks use (``log_prob`` unless overridden)."""
         return self.log_prob(x)
+
+    def log_prob_terms(self, x: Tensor, *, solver: str | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not split log p into terms")
+
+    def sample_from_latent(self, x1: Tensor, *, solver: str | None = None
+                           ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} cannot integrate a latent backwards")
+
+    def capabilities(self) -> frozenset[str]:
+        caps = set(super().capabilities())
+        for part in ("log_prob_terms", "sample_from_latent"):
+            if getattr(type(self), part) is not getattr(DensityDefense, part):
+                caps.add(part)
+        return frozenset(caps)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)
