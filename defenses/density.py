@@ -46,6 +46,7 @@ def check_images(x: Tensor, *, low: float = 0.0, high: float = 1.0, what: str = 
     if x.dim() != 4:
         raise ValueError(f"{what} must be a batch of images (N, C, H, W), got shape "
                          f"{tuple(x.shape)}")
+    x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} has non-finite values")
     lo, hi = float(x.min()), float(x.max())
