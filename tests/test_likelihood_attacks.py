@@ -12,6 +12,7 @@ from attacks.likelihood import (
     PAPER_LR,
     PIXEL_LR,
     HighComplexityAttack,
+    LikelihoodAttack,
     NearSampleAttack,
     PriorOnlyAttack,
     RandomRegionAttack,
@@ -22,11 +23,17 @@ from attacks.likelihood import (
 )
 from benchmark.registries import ATTACKS
 from tests.density_toys import GaussianDensity, box_qp_max_logp
-from tests.toys import gen
+from tests.toys import gen, single_thread
 from threat_models.linf import LinfThreat
 from threat_models.unrestricted import UnrestrictedThreat
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 SHAPE = (1, 4, 4)
 D = 16
 
@@ -191,8 +198,9 @@ def test_high_complexity_trades_likelihood_for_high_frequencies():
 # --------------------------------------------------------------------------------------------
 # Contracts: extras, curve, determinism, registration
 # --------------------------------------------------------------------------------------------
-ALL = [NearSampleAttack, RandomRegionAttack, HighComplexityAttack, ReverseIntegrationAttack,
-       PriorOnlyAttack, UnrestrictedLikelihoodAttack]
+ALL: list[type[LikelihoodAttack]] = [
+    NearSampleAttack, RandomRegionAttack, HighComplexityAttack, ReverseIntegrationAttack,
+    PriorOnlyAttack, UnrestrictedLikelihoodAttack]
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.name)
@@ -201,7 +209,6 @@ def test_result_contract(cls):
     x = sample_images(defense, 3).float()
     threat = LinfThreat(0.03) if cls.start == "test" else UnrestrictedThreat()
     attack = cls(steps=7, record_every=3)
-    assert ATTACKS.get(cls.name) is cls
     assert attack.incompatibility(defense, threat) is None
     res = attack.run(defense, x, torch.zeros(3), threat, generator=gen(1))
     assert res.extras["direction"] == cls.direction == "raise"
@@ -217,6 +224,7 @@ def test_result_contract(cls):
     again = cls(steps=7, record_every=3).run(defense, x, torch.zeros(3), threat, generator=gen(1))
     assert torch.equal(again.x_adv, res.x_adv)
     assert repr(attack).startswith(cls.__name__ + "(steps=7")
+    assert ATTACKS.get(cls.name) is cls
 
 
 def test_generated_starts_depend_on_the_generator():
@@ -272,7 +280,7 @@ def test_bad_parameters_are_named(cls, kwargs, match):
 
 def test_non_numbers_are_type_errors():
     with pytest.raises(TypeError, match="lam must be a real number"):
-        HighComplexityAttack(lam="1")
+        HighComplexityAttack(lam="1")  # type: ignore[arg-type]
 
 
 def test_threat_eps_outside_the_pixel_range_is_named():
