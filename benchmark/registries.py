@@ -44,6 +44,14 @@ for _name, _ref in {
     "torchattacks": "attacks.torchattacks_adapter:TorchAttacks",
     "exact": "attacks.exact:Exact",
     "lagrange": "attacks.lagrange:Lagrange",
+    "ll-near-sample": "attacks.likelihood:NearSampleAttack",
+    "ll-random-region": "attacks.likelihood:RandomRegionAttack",
+    "ll-high-complexity": "attacks.likelihood:HighComplexityAttack",
+    "ll-reverse": "attacks.likelihood:ReverseIntegrationAttack",
+    "ll-prior-only": "attacks.likelihood:PriorOnlyAttack",
+    "ll-unrestricted": "attacks.likelihood:UnrestrictedLikelihoodAttack",
+    "flow-pgd-in": "attacks.flow_pgd:FlowPGDIn",
+    "flow-pgd-ood": "attacks.flow_pgd:FlowPGDOOD",
 }.items():
     ATTACKS.add(_name, _ref)
 
