@@ -3,7 +3,8 @@
 
 * ``logp_vs_complexity_<defense>.png`` (seed 000, figure 2): NLL in bits/dim against PNG
   complexity, one panel per (attack, threat model, epsilon): the clean test images, the
-  attack's starts and its results;
+  attack's starts and its results, and the 95% acceptance threshold (dashed; images below it
+  in NLL are accepted);
 * ``convergence_<attack>.png`` (seed 000, figure 4): the attack objective (as the attack
   reports it in ``extras["curve"]``) against the curve index, the mean over samples with a band
   of +- 1.96 standard errors of the mean, one line per (defense, threat model, epsilon);
@@ -61,7 +62,7 @@ def _label(rkey: RowKey) -> str:
     return f"{attack} ({threat} {eps:g})" if threat != "unrestricted" else f"{attack}"
 
 
-def _scatter(data: DensityData, out: Path) -> list[Path]:
+def _scatter(data: DensityData, thresholds: dict[str, float], out: Path) -> list[Path]:
     by_defense: dict[str, list[RowKey]] = defaultdict(list)
     for rkey, s in sorted(data.cells.items(), key=lambda kv: str(kv[0])):
         if len(s.sample_ids):
@@ -79,6 +80,9 @@ def _scatter(data: DensityData, out: Path) -> list[Path]:
                        color=_COLORS["start"], label="start")
             ax.scatter(s.complexity_after, s.bpd_after, s=9, alpha=0.7, marker="x",
                        color=_COLORS["after"], label="attacked")
+            tau = thresholds.get(did, math.nan)
+            if not math.isnan(tau):
+                ax.axhline(tau, color="k", lw=0.8, ls="--", label="95% acceptance threshold")
             ax.set_title(_label(rkey), fontsize=9)
             ax.set_xlabel("PNG complexity (bytes / dim)")
             ax.set_ylabel("NLL (bits / dim)")
@@ -157,4 +161,7 @@ def write_density_plots(data: DensityData, frame: pd.DataFrame, out: str | Path)
         return []
     out.mkdir(parents=True, exist_ok=True)
     dens = frame[frame["defense_kind"] == "density"] if "defense_kind" in frame else frame[:0]
-    return _scatter(data, out) + _convergence(data, out) + _nll_vs_eps(dens, out)
+    clean = dens[(dens["attack"] == "clean") & dens["threshold_bpd"].notna()]
+    thresholds = {str(r["defense"]): float(r["threshold_bpd"]) for _, r in clean.iterrows()}
+    return (_scatter(data, thresholds, out) + _convergence(data, out)
+            + _nll_vs_eps(dens, out))
