@@ -4,6 +4,12 @@ Expansion runs every compatible (defense, attack, threat model, epsilon) combina
 on shards of its evaluation subset, plus one clean job per defense configuration and shard;
 incompatible combinations are listed as skipped, with the reason. Resumption is the default:
 jobs already in the store are not run again.
+
+Density defenses (``kind = "density"``) are planned the same way: a clean job per shard (log p
+of every test image, from which the leaderboard takes the 95%-acceptance threshold) and a job
+per compatible density attack, threat model, epsilon and shard. Classification attacks require
+``kind:classifier`` and density attacks ``kind:density``, so each is skipped, with the reason,
+on the other kind. Job keys do not depend on the defense's kind.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class Plan:
     sample_ids: tuple[int, ...]
     jobs: list[JobSpec]
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: defense id -> kind ("classifier" or "density").
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: attack id -> {"direction": "lower" | "raise" | None, "start": "test" | "generated" | None}
+    #: (class attributes of density attacks, for rows of jobs that errored).
+    attack_info: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 def code_version() -> str:
@@ -82,6 +93,9 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                              f"{a.kwargs()}: {exc}") from exc
     jobs: list[JobSpec] = []
     skipped: list[dict[str, Any]] = []
+    kinds: dict[str, str] = {}
+    info = {a.id: {"direction": getattr(attack, "direction", None),
+                   "start": getattr(attack, "start", None)} for a, attack in attacks}
     for d in suite.defenses:
         clean_done: set[tuple[Any, ...]] = set()
         for t in suite.threat_models:
@@ -90,10 +104,11 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                             sample_ids=(), **common)  # type: ignore[arg-type]
             defense = CACHE.defense(probe, cpu)
             kind, _, _ = describe(defense)
-            if kind != "classifier":
+            kinds[d.id] = kind
+            if kind not in ("classifier", "density"):
                 skipped.append(dict(defense=d.id, attack="*", threat_model=t.name, eps=None,
-                                    reason=f"{kind} defenses are scored by density metrics, "
-                                           "not by classification attacks"))
+                                    reason=f"defense kind {kind!r} is not scored (expected "
+                                           "'classifier' or 'density')"))
                 continue
             if params not in clean_done:
                 clean_done.add(params)
@@ -115,7 +130,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                                      eps=eps, sample_ids=s, shard=i, **common)  # type: ignore[arg-type]
                              for i, s in enumerate(shards)]
     del ds
-    return Plan(suite, subset, ids, jobs, skipped)
+    return Plan(suite, subset, ids, jobs, skipped, kinds, info)
 
 
 @dataclass
@@ -144,7 +159,9 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
               fresh: bool = False, retry_errors: bool = False, progress: str = "bar",
               ray_address: str | None = None,
               log: Callable[[str], None] | None = None) -> RunSummary:
-    """Run (or resume) a suite into ``out`` and write ``leaderboard.csv`` / ``leaderboard.md``."""
+    """Run (or resume) a suite into ``out`` and write ``leaderboard.csv`` / ``leaderboard.md``
+    (and, for density defenses, the PNG plots of :mod:`benchmark.density_plots` into
+    ``out/density/``)."""
     from benchmark.leaderboard import build_leaderboard, write_csv, write_markdown
 
     t0 = time.perf_counter()
@@ -191,6 +208,11 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
         finally:
             bar.close()
         frame = build_leaderboard(store, plan, version)
+        if "density" in plan.kinds.values():
+            from benchmark.density_metrics import load_density
+            from benchmark.density_plots import write_density_plots
+
+            write_density_plots(load_density(store, plan), frame, out / "density")
     csv_path = write_csv(frame, out / "leaderboard.csv")
     md_path = write_markdown(frame, out / "leaderboard.md", plan=plan)
     return RunSummary(out, len(plan.jobs), len(todo), resumed, errors,

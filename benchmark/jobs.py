@@ -79,6 +79,34 @@ class SampleOutcome:
 
 
 @dataclass
+class DensityOutcome:
+    """Per-sample numbers of a job on a density defense (``kind = "density"``).
+
+    A clean job fills only the ``*_before`` fields (the test image itself). An attack job
+    fills "before" for the attack's start (``extras["x_start"]``: the test image, or the point
+    the attack drew from its generator) and "after" for its adversarial example; "after" is NaN
+    for a sample whose example broke the threat model (that sample is an error outcome). Log p
+    in nats (the defense's reporting ``log_prob``), bits/dim by the defense's ``logp_to_bpd``,
+    complexity by :func:`benchmark.complexity.png_complexity`. ``curve`` is the sample's attack
+    objective at the steps listed in the job's ``extras["curve_steps"]`` (at most
+    :data:`CURVE_POINTS` points).
+    """
+
+    sample_id: int
+    logp_before: float
+    bpd_before: float
+    complexity_before: float
+    logp_after: float = float("nan")
+    bpd_after: float = float("nan")
+    complexity_after: float = float("nan")
+    curve: list[float] | None = None
+
+
+#: most points of a per-sample attack curve kept in the store (the per-job mean keeps all).
+CURVE_POINTS = 50
+
+
+@dataclass
 class JobResult:
     key: str
     status: str  # "done" or "error"
@@ -94,3 +122,5 @@ class JobResult:
     #: adversarial examples (float32, aligned with outcomes), kept for bundles and re-scoring.
     x_adv: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: per-sample density numbers (density defenses only; aligned with outcomes).
+    density: list[DensityOutcome] | None = None

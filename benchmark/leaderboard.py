@@ -3,6 +3,13 @@
 One row per (defense, attack, threat model, epsilon) plus a ``worst_case`` row per (defense,
 threat model, epsilon): a sample counts as robust there only if every attack failed on it.
 Accuracies are numbers in [0, 1] with n and a 95% Wilson interval.
+
+Density defenses get rows in the same table with their own columns
+(:data:`benchmark.density_metrics.DENSITY_COLUMNS`: acceptance threshold, fraction of attacked
+points still accepted or rejected, NLL in bits/dim before and after; see
+:mod:`benchmark.density_metrics`), a clean row per defense configuration, and no worst case.
+``defense_kind`` says which columns a row fills; classifier columns are empty on density rows
+and vice versa.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.flags import collect_evidence, compute_flags
+from benchmark.density_metrics import DENSITY_COLUMNS, density_flags, density_rows, load_density
+from benchmark.flags import FlagEvidence, collect_evidence, compute_flags
 from benchmark.jobs import CLEAN
 from benchmark.scoring import aggregate
 from benchmark.store import Store
@@ -33,7 +41,7 @@ COLUMNS = [
     "robust_ci_high", "robust_acc_mean", "robust_acc_worst_of_k", "stochastic", "k_draws",
     "eot_draws", "steps", "restarts", "nfe_per_pred", "grad_evals", "wall_s", "seed",
     "code_version", "plugin_versions", "n_errors", "strongest_attack", "flags", "error",
-    "defense_name", "attack_name", "defense_params", "attack_params",
+    "defense_name", "attack_name", "defense_params", "attack_params", *DENSITY_COLUMNS,
 ]
 
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -46,7 +54,8 @@ def _group_key(job: dict[str, Any]) -> tuple[str, str]:
 
 def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFrame:
     """Rows for the plan's jobs, from the store (missing jobs are simply absent)."""
-    keys = [j.key for j in plan.jobs]
+    density_ids = {d for d, kind in plan.kinds.items() if kind == "density"}
+    keys = [j.key for j in plan.jobs if j.defense.id not in density_ids]
     jobs = store.jobs(keys)
     samples = store.samples(r["key"] for r in jobs)
     suite = plan.suite
@@ -101,13 +110,44 @@ def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFra
         rows.append(row)
 
     rows += _worst_case_rows(rows, per_sample, clean, clean_k)
+    for row in rows:
+        row["defense_kind"] = "classifier"
     frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = frame.sort_values(["threat_model", "eps", "defense", "attack"],
+                              key=lambda s: s.map(lambda v: (v == WORST, v)
+                                                  if s.name == "attack" else v),
+                              kind="stable")
+    dens = pd.DataFrame(density_rows(load_density(store, plan),
+                                     lambda spec: _base_row(suite, plan, spec, code_version)),
+                        columns=COLUMNS)
+    # clean rows first, then by threat model, epsilon, defense and attack
+    dens = dens.sort_values(["defense", "threat_model", "eps", "attack"],
+                            key=lambda s: s.map(lambda v: (v != CLEAN, v)
+                                                if s.name == "attack" else v),
+                            kind="stable", na_position="first")
+    frame = pd.concat([frame, dens], ignore_index=True) if len(dens) else frame
     # every flag, the store-evidence ones included (gradients, per-sample black-box vs white-box)
-    frame["flags"] = compute_flags(frame, collect_evidence(store, plan))
-    return frame.sort_values(["threat_model", "eps", "defense", "attack"],
-                             key=lambda s: s.map(lambda v: (v == WORST, v) if s.name == "attack"
-                                                 else v),
-                             kind="stable").reset_index(drop=True)
+    frame["flags"] = flag_frame(frame, collect_evidence(store, plan))
+    return frame.reset_index(drop=True)
+
+
+def is_density(frame: pd.DataFrame) -> pd.Series:
+    """Rows of density defenses (False everywhere for tables without ``defense_kind``)."""
+    if "defense_kind" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["defense_kind"] == "density"
+
+
+def flag_frame(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> pd.Series:
+    """Validity flags of every row: :func:`benchmark.flags.compute_flags` on classifier rows,
+    :func:`benchmark.density_metrics.density_flags` on density rows."""
+    out = pd.Series("", index=frame.index, dtype=object)
+    dens = is_density(frame)
+    if (~dens).any():
+        out[~dens] = compute_flags(frame[~dens], evidence)
+    if dens.any():
+        out[dens] = density_flags(frame[dens])
+    return out
 
 
 def _robust_counts(clean: dict[int, int], adv: dict[int, int]) -> dict[int, int]:
@@ -212,7 +252,8 @@ def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
                      f"(hash {first['subset_hash']}), seed {first['seed']}, "
                      f"code {first['code_version']}. Accuracies in %, robust with 95% Wilson "
                      "interval; stochastic defenses scored by majority vote over K draws.\n")
-    for threat, part in frame.groupby("threat_model", sort=True):
+    density = is_density(frame)
+    for threat, part in frame[~density].groupby("threat_model", sort=True):
         table = []
         for _, r in part.iterrows():
             robust = (f"{_pct(r.robust_acc)} [{_pct(r.robust_ci_low)}, {_pct(r.robust_ci_high)}]"
@@ -226,6 +267,8 @@ def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
                                               "robust [95% CI]", "worst-of-K", "NFE/pred",
                                               "wall s", "flags"], tablefmt="github"))
         parts.append("")
+    if density.any():
+        parts.append(render_density_markdown(frame[density]))
     if plan is not None and plan.skipped:
         parts.append("## skipped\n")
         unique = dict.fromkeys((s["defense"], s["attack"], s["threat_model"], s["reason"])
@@ -234,6 +277,50 @@ def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
                               headers=["defense", "attack", "threat model", "reason"],
                               tablefmt="github"))
     return "\n".join(parts) + "\n"
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "" if v is None or pd.isna(v) else format(float(v), fmt)
+
+
+def _interval(r: Any, name: str, pct: bool = False) -> str:
+    value = r.get(name)
+    if value is None or pd.isna(value):
+        return ""
+    show = _pct if pct else _num
+    return f"{show(value)} [{show(r.get(name + '_ci_low'))}, {show(r.get(name + '_ci_high'))}]"
+
+
+def render_density_markdown(frame: pd.DataFrame) -> str:
+    """The density rows: threshold, detector survival and NLL before/after per attack."""
+    table = []
+    for _, r in frame.iterrows():
+        if isinstance(r["error"], str) and r["error"]:
+            survived = "error"
+        elif r["direction"] == "raise":
+            survived = "rejected " + _interval(r, "rejected", pct=True)
+        else:
+            survived = "accepted " + _interval(r, "accepted", pct=True)
+        eps = "" if pd.isna(r["eps"]) else f"{r['eps']:g}"
+        table.append([r["defense"], r["attack"], r["threat_model"] if eps else "", eps,
+                      r["direction"] if isinstance(r["direction"], str) else "",
+                      "" if pd.isna(r["n"]) else int(r["n"]),
+                      f"{_num(r['threshold_logp'], '.1f')} ({_num(r['threshold_bpd'])})",
+                      survived, _interval(r, "nll_bpd_before"), _interval(r, "nll_bpd_after"),
+                      f"{_num(r['complexity_before'])} / {_num(r['complexity_after'])}".strip(" /"),
+                      "" if pd.isna(r["wall_s"]) else f"{r['wall_s']:.1f}",
+                      r["flags"] if isinstance(r["flags"], str) else ""])
+    head = ("## density\n\nDensity defenses accept an image when log p >= the threshold that "
+            "accepts 95% of the clean test images (5% quantile, linear interpolation). "
+            "In-distribution attacks (direction `lower`): % of attacked test images still "
+            "accepted; out-of-distribution (`raise`): % of attacked points still rejected; "
+            "95% Wilson intervals. NLL in bits/dim (mean [95% bootstrap interval]) of the "
+            "attack's start and of its result; complexity = PNG bytes / dim.\n")
+    return head + "\n" + tabulate(
+        table, headers=["defense", "attack", "threat", "eps", "direction", "n",
+                        "threshold log p (bpd)", "detector holds [95% CI]", "NLL before",
+                        "NLL after", "complexity before / after", "wall s", "flags"],
+        tablefmt="github") + "\n"
 
 
 def write_markdown(frame: pd.DataFrame, path: str | Path, plan: Plan | None = None) -> Path:

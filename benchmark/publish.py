@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.flags import FLAG_HELP, WORST, collect_evidence, compute_flags
+from benchmark.flags import FLAG_HELP, WORST, collect_evidence
 
 DEFAULT_DEST = "leaderboard"
 
@@ -45,7 +45,7 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, Any, dict[str, str]]:
     from benchmark.defense import describe
     from benchmark.harness import code_version, plan_suite
     from benchmark.jobs import JobSpec
-    from benchmark.leaderboard import build_leaderboard
+    from benchmark.leaderboard import build_leaderboard, flag_frame
     from benchmark.runner import CACHE, resolve_device
     from benchmark.store import Store
     from benchmark.suite import freeze, parse_suite
@@ -61,7 +61,7 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, Any, dict[str, str]]:
     with Store(db) as store:
         frame = build_leaderboard(store, plan, code_version())
         evidence = collect_evidence(store, plan)
-    frame["flags"] = compute_flags(frame, evidence)
+    frame["flags"] = flag_frame(frame, evidence)
     kinds: dict[str, str] = {}
     for d in suite.defenses:
         probe = JobSpec(suite=suite.name, dataset=suite.dataset,
@@ -79,9 +79,12 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, Any, dict[str, str]]:
 def ranked(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
     """One row per (threat model, eps, defense): the worst case over attacks, ranked by robust
     accuracy within (threat model, eps); flags are the union over the cell's rows."""
+    from benchmark.leaderboard import is_density
+
     rows = []
-    for (tm, eps, defense), cell in frame.groupby(["threat_model", "eps", "defense"],
-                                                  sort=True):
+    # density rows have no accuracy to rank; they appear in the per-attack tables
+    for (tm, eps, defense), cell in frame[~is_density(frame)].groupby(
+            ["threat_model", "eps", "defense"], sort=True):
         worst = cell[cell["attack"] == WORST]
         base = worst.iloc[0] if len(worst) else cell.iloc[0]
         flags = sorted({f for v in cell["flags"] if isinstance(v, str) for f in v.split(";")

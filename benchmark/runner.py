@@ -3,6 +3,10 @@
 This is the only code that touches plug-ins at run time, and it is shared by every executor, so
 a job gives the same result wherever it runs. Anything a plug-in raises, and any output of the
 wrong shape or with NaNs, becomes an error result for that job; the run goes on.
+
+Jobs on density defenses (``kind = "density"``) are scored by :func:`execute_density`: log p,
+bits/dim and PNG complexity of every sample before and after the attack, plus the attack's
+objective curve, instead of K-draw correct-counts.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 
 from benchmark.defense import describe
 from benchmark.diagnostics import safe_diagnostics
-from benchmark.jobs import JobResult, JobSpec, SampleOutcome
+from benchmark.jobs import CURVE_POINTS, DensityOutcome, JobResult, JobSpec, SampleOutcome
 from benchmark.registries import ATTACKS, DEFENSES, THREAT_MODELS
 from benchmark.suite import thaw
 
@@ -108,6 +112,139 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def check_logp(out: Any, batch: int, who: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise PluginOutputError(f"{who} returned {type(out).__name__}, expected a log-likelihood "
+                                "tensor")
+    if out.shape != (batch,):
+        raise PluginOutputError(f"{who} returned shape {tuple(out.shape)}, expected per-sample "
+                                f"log-likelihoods of shape ({batch},)")
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise PluginOutputError(f"{who} returned non-finite log-likelihoods for {bad} of "
+                                f"{batch} samples")
+    return out
+
+
+def batched_log_prob(defense: nn.Module, x: Tensor, batch_size: int, who: str) -> Tensor:
+    """The defense's reporting ``log_prob`` (nats, (B,)) in chunks of ``batch_size``.
+
+    Deliberately not under ``torch.no_grad``: a likelihood by the instantaneous
+    change-of-variables formula (the PF-ODE detector) differentiates inside ``log_prob`` to get
+    its divergence; nothing here requires grad, so no graph outlives a chunk."""
+    log_prob = getattr(defense, "log_prob", defense)
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        parts.append(check_logp(log_prob(xb), len(xb), who).detach().double())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+
+
+def _to_bpd(defense: nn.Module, logp: Tensor) -> Tensor:
+    return defense.logp_to_bpd(logp)  # type: ignore[operator]
+
+
+def curve_steps(n_points: int, *, keep: int = CURVE_POINTS) -> np.ndarray:
+    """Indices of at most ``keep`` evenly spaced points of a curve of ``n_points`` (first and
+    last included)."""
+    if n_points <= keep:
+        return np.arange(n_points)
+    return np.unique(np.linspace(0, n_points - 1, keep).round().astype(np.int64))
+
+
+def _complexity(x: Tensor) -> Tensor:
+    from benchmark.complexity import png_complexity
+
+    return png_complexity(x.clamp(0, 1)).double()
+
+
+def execute_density(job: JobSpec, defense: nn.Module, x: Tensor, y: Tensor,
+                    dev: torch.device) -> dict[str, Any]:
+    """Score one job on a density defense; the pieces of its :class:`JobResult`."""
+    who = f"defense {job.defense.id!r}"
+    extras: dict[str, Any] = {"kind": "density"}
+    if job.is_clean:
+        logp = batched_log_prob(defense, x, job.batch_size, who)
+        bpd, cx = _to_bpd(defense, logp), _complexity(x)
+        density = [DensityOutcome(int(s), float(lp), float(b), float(c))
+                   for s, lp, b, c in zip(job.sample_ids, logp.tolist(), bpd.tolist(),
+                                          cx.tolist(), strict=True)]
+        outcomes = [SampleOutcome(int(s), 0) for s in job.sample_ids]
+        # the bits/dim convention as an affine map of log p, for thresholds computed later
+        ends = _to_bpd(defense, torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device))
+        extras["bpd_affine"] = [float(ends[0]), float(ends[1] - ends[0])]
+        return dict(outcomes=outcomes, density=density, extras=extras, grad_evals=0,
+                    x_adv=None, budget={})
+    assert job.attack is not None and job.threat is not None and job.eps is not None
+    threat = THREAT_MODELS.get(job.threat)(job.eps)
+    attack = ATTACKS.get(job.attack.name)(**job.attack.kwargs())
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(job.run_seed + 1)
+    outcomes, density, advs = [], [], []
+    curves: list[Tensor] = []
+    grad_evals = 0
+    direction = getattr(attack, "direction", None)
+    aname = f"attack {job.attack.id!r}"
+    for start in range(0, len(x), job.batch_size):
+        xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
+        ids = job.sample_ids[start:start + job.batch_size]
+        result = attack.run(defense, xb, yb, threat, generator=generator)
+        grad_evals += int(getattr(result, "grad_evals", 0))
+        x_adv = result.x_adv.detach() if isinstance(result.x_adv, Tensor) else result.x_adv
+        if not isinstance(x_adv, Tensor) or x_adv.shape != xb.shape:
+            raise PluginOutputError(f"{aname} returned x_adv of shape "
+                                    f"{tuple(getattr(x_adv, 'shape', ()))}, expected "
+                                    f"{tuple(xb.shape)}")
+        x_start = result.extras.get("x_start", xb)
+        if not isinstance(x_start, Tensor) or x_start.shape != xb.shape:
+            raise PluginOutputError(f"{aname} returned extras['x_start'] of shape "
+                                    f"{tuple(getattr(x_start, 'shape', ()))}, expected "
+                                    f"{tuple(xb.shape)}")
+        x_start = x_start.detach()
+        direction = result.extras.get("direction", direction)
+        if direction not in ("lower", "raise"):
+            raise PluginOutputError(f"{aname} declares direction {direction!r}, expected "
+                                    "'lower' (in-distribution) or 'raise' (out-of-distribution)")
+        params = result.params.detach() if result.params is not None else None
+        # the threat model is checked against the attack's start (a generated point for
+        # out-of-distribution attacks), which is also what "before" scores
+        viol = threat.violations(x_start, x_adv, params)
+        dist = threat.distance(x_start, x_adv, params)
+        bad = viol.mask.view(-1, *[1] * (xb.dim() - 1))
+        safe = torch.nan_to_num(torch.where(bad, x_start, x_adv)).clamp(0, 1)
+        lp0 = batched_log_prob(defense, x_start, job.batch_size, who)
+        lp1 = batched_log_prob(defense, safe, job.batch_size, who)
+        b0, b1 = _to_bpd(defense, lp0), _to_bpd(defense, lp1)
+        c0, c1 = _complexity(x_start), _complexity(safe)
+        curve = result.extras.get("curve")
+        if curve is not None:
+            if not isinstance(curve, Tensor) or curve.dim() != 2 or curve.shape[1] != len(xb):
+                raise PluginOutputError(f"{aname} returned extras['curve'] of shape "
+                                        f"{tuple(getattr(curve, 'shape', ()))}, expected "
+                                        f"(steps + 1, {len(xb)})")
+            curves.append(curve.detach().double().cpu())
+        for i, (sid, why, d) in enumerate(zip(ids, viol.per_sample, dist.tolist(), strict=True)):
+            outcomes.append(SampleOutcome(int(sid), 0, d, why))
+            nan = float("nan")
+            density.append(DensityOutcome(
+                int(sid), float(lp0[i]), float(b0[i]), float(c0[i]),
+                nan if why else float(lp1[i]), nan if why else float(b1[i]),
+                nan if why else float(c1[i])))
+        advs.append(x_adv.float().cpu().numpy())
+    extras.update(direction=direction, start=getattr(attack, "start", None))
+    if curves and len({c.shape[0] for c in curves}) == 1:
+        full = torch.cat(curves, dim=1)  # (steps + 1, n)
+        steps = curve_steps(full.shape[0])
+        extras.update(curve_steps=steps.tolist(), curve_mean=full.mean(dim=1).tolist())
+        for j, d in enumerate(density):
+            d.curve = full[steps, j].tolist()
+    elif curves:
+        raise PluginOutputError(f"{aname} returned curves of different lengths across batches")
+    budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
+    return dict(outcomes=outcomes, density=density, extras=extras, grad_evals=grad_evals,
+                x_adv=np.concatenate(advs) if advs else None, budget=budget)
+
+
 def execute(job: JobSpec, device: str | None = None) -> JobResult:
     """Run one job; never raises for plug-in failures (they become an error result)."""
     t0 = time.perf_counter()
@@ -122,6 +259,15 @@ def execute(job: JobSpec, device: str | None = None) -> JobResult:
         if callable(reseed):
             reseed(job.run_seed)
         x, y, num_classes = shard_data(job, dev)
+        if kind == "density":
+            if job.attack is not None:
+                versions["attack"] = str(ATTACKS.provenance(job.attack.name))
+                versions["threat_model"] = str(THREAT_MODELS.provenance(str(job.threat)))
+            parts = execute_density(job, defense, x, y, dev)
+            # one reported log p per sample: K-draw voting is a classifier protocol
+            return JobResult(key=job.key, status="done", k=1, wall_s=time.perf_counter() - t0,
+                             nfe_per_pred=float(nfe), stochastic=stochastic,
+                             plugin_versions=versions, **parts)
         who = f"defense {job.defense.id!r}"
         budget: dict[str, Any] = {}
         extras: dict[str, list[Any]] = {}

@@ -3,6 +3,11 @@
 Only the driver writes it. A job's result (its row and all its per-sample rows) is written in
 one transaction, keyed by the job's hash and the sample id, so a run killed at any point
 resumes where it stopped and never counts a sample twice. Leaderboards are derived from it.
+
+Jobs on density defenses also write one ``density`` row per sample (log p, bits/dim and PNG
+complexity before and after the attack, and the subsampled attack curve; see
+:class:`benchmark.jobs.DensityOutcome`), in the same transaction. The table is created with
+``IF NOT EXISTS``, so stores written before it existed open (and resume) unchanged.
 """
 
 from __future__ import annotations
@@ -52,11 +57,33 @@ CREATE TABLE IF NOT EXISTS samples (
     x_adv BLOB,
     PRIMARY KEY (job, sample_id)
 );
+CREATE TABLE IF NOT EXISTS density (
+    job TEXT NOT NULL REFERENCES jobs(key),
+    sample_id INTEGER NOT NULL,
+    logp_before REAL,
+    bpd_before REAL,
+    complexity_before REAL,
+    logp_after REAL,
+    bpd_after REAL,
+    complexity_after REAL,
+    curve TEXT,
+    PRIMARY KEY (job, sample_id)
+);
 """
+
+#: columns of the density table after (job, sample_id), in order.
+DENSITY_FIELDS = ("logp_before", "bpd_before", "complexity_before", "logp_after", "bpd_after",
+                  "complexity_after", "curve")
 
 
 class StoreError(RuntimeError):
     pass
+
+
+def _real(value: float) -> float | None:
+    """SQLite has no NaN or infinity that survives a round trip: store them as NULL."""
+    v = float(value)
+    return v if np.isfinite(v) else None
 
 
 class Store:
@@ -117,6 +144,7 @@ class Store:
             advs = [None] * len(result.outcomes)
         with self._tx() as c:
             c.execute("DELETE FROM samples WHERE job=?", (job.key,))
+            c.execute("DELETE FROM density WHERE job=?", (job.key,))
             c.execute(
                 "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.key, json.dumps(job.to_json(), sort_keys=True), job.defense.id,
@@ -129,6 +157,14 @@ class Store:
                 "INSERT INTO samples VALUES (?,?,?,?,?,?)",
                 [(job.key, o.sample_id, o.correct, o.distance, o.error, adv)
                  for o, adv in zip(result.outcomes, advs, strict=True)])
+            if result.density:
+                c.executemany(
+                    "INSERT INTO density VALUES (?,?,?,?,?,?,?,?,?)",
+                    [(job.key, d.sample_id, _real(d.logp_before), _real(d.bpd_before),
+                      _real(d.complexity_before), _real(d.logp_after), _real(d.bpd_after),
+                      _real(d.complexity_after),
+                      None if d.curve is None else json.dumps([_real(v) for v in d.curve]))
+                     for d in result.density])
 
     def jobs(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM jobs")
@@ -148,6 +184,26 @@ class Store:
             out[key] = [tuple(r) for r in self.conn.execute(
                 "SELECT sample_id, correct, distance, error FROM samples WHERE job=? "
                 "ORDER BY sample_id", (key,))]
+        return out
+
+    def density(self, keys: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per-sample density rows of the given jobs (ordered by sample id; missing numbers
+        are NaN; ``curve`` is a float array or None). Jobs without rows are absent."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for key in keys:
+            rows = []
+            for r in self.conn.execute(
+                    "SELECT sample_id, " + ", ".join(DENSITY_FIELDS)
+                    + " FROM density WHERE job=? ORDER BY sample_id", (key,)):
+                row: dict[str, Any] = {"sample_id": int(r[0])}
+                for name, value in zip(DENSITY_FIELDS[:-1], r[1:-1], strict=True):
+                    row[name] = float("nan") if value is None else float(value)
+                row["curve"] = (None if r[-1] is None else
+                                np.array([np.nan if v is None else v for v in json.loads(r[-1])],
+                                         dtype=np.float64))
+                rows.append(row)
+            if rows:
+                out[key] = rows
         return out
 
     def adversarial(self, key: str, shape: tuple[int, ...]) -> dict[int, np.ndarray]:
