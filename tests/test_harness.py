@@ -69,10 +69,20 @@ def test_quick_suite_end_to_end_with_limit(tmp_path, capsys):
     out = tmp_path / "quick"
     assert main(["run", "--suite", "quick", "--out", str(out), "--limit", "8",
                  "--progress", "none"]) == 0
-    frame = read_csv(out / "leaderboard.csv")
+    full = frame = read_csv(out / "leaderboard.csv")
     assert list(frame.columns[: len(REQUIRED_COLUMNS)]) != []  # header present
     for col in REQUIRED_COLUMNS:
         assert col in frame.columns, col
+    density = frame[frame.defense_kind == "density"]
+    assert set(density.attack) == {"clean", "flow-pgd-in", "flow-pgd-ood"}
+    assert density.threshold_logp.notna().all() and (density.n == 8).all()
+    attacked = density[density.attack != "clean"]
+    assert set(attacked.threat_model) == {"linf"} and set(attacked.eps) == {0.05, 0.1}
+    # PGD lowers the flow's likelihood of test images and raises that of noise
+    lower = attacked.direction == "lower"
+    assert (attacked.nll_bpd_after > attacked.nll_bpd_before)[lower].all()
+    assert (attacked.nll_bpd_after < attacked.nll_bpd_before)[~lower].all()
+    frame = frame[frame.defense_kind == "classifier"]
     assert set(frame.threat_model) == {"linf", "l2", "stadv"}
     assert {"pgd", "autoattack", "stadv", "torchattacks-pgd", "worst_case"} <= set(frame.attack)
     ok = frame[frame.error.isna()]
@@ -94,7 +104,7 @@ def test_quick_suite_end_to_end_with_limit(tmp_path, capsys):
     assert "resuming" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 20
     again = read_csv(out / "leaderboard.csv")
-    pd.testing.assert_frame_equal(stable(frame), stable(again))
+    pd.testing.assert_frame_equal(stable(full), stable(again))
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen[str]:
