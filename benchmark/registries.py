@@ -62,6 +62,7 @@ for _name, _ref in {
     "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
     "diffpure": "defenses.diffpure:DiffPure",
     "flow": "defenses.density:FlowDensity",
+    "pfode": "defenses.pfode:PFODEDensity",
 }.items():
     DEFENSES.add(_name, _ref)
 
