@@ -44,6 +44,9 @@ for _name, _ref in {
     "torchattacks": "attacks.torchattacks_adapter:TorchAttacks",
     "exact": "attacks.exact:Exact",
     "lagrange": "attacks.lagrange:Lagrange",
+    "pgd-eot": "attacks.purification:PGDEOT",
+    "fixed-noise": "attacks.purification:FixedNoise",
+    "scoreag-gat": "attacks.scoreag_gat:ScoreAGGAT",
 }.items():
     ATTACKS.add(_name, _ref)
 
@@ -53,6 +56,7 @@ for _name, _ref in {
     "rdc": "defenses.rdc:RobustDiffusionClassifier",
     "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
     "diffpure": "defenses.diffpure:DiffPure",
+    "scoreag-gap": "defenses.scoreag:ScoreAGPurification",
     "flow": "defenses.density:FlowDensity",
 }.items():
     DEFENSES.add(_name, _ref)
