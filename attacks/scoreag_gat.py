@@ -73,6 +73,12 @@ def ssim(x: Tensor, y: Tensor, *, window: int = 7, sigma: float = 1.5, data_rang
     return smap.flatten(1).mean(dim=1)
 
 
+def ssim_window(x: Tensor) -> int:
+    """Wang et al.'s window capped at 7 and at the largest odd size the images allow."""
+    side = min(x.shape[-2:])
+    return max(1, min(7, side if side % 2 else side - 1))
+
+
 def load_judge(judge: str | nn.Module) -> nn.Module:
     """A zoo classifier by name, a registered defense by name (e.g. ``dc``), or a module."""
     if isinstance(judge, nn.Module):
@@ -173,7 +179,7 @@ class ScoreAGGAT(Attack):
             "judge": self.config()["judge"],
             "target_class": target.tolist(),
             "l2": (x_gen - x).flatten(1).norm(dim=1).tolist(),
-            "ssim": ssim(x_gen, x).tolist(),
+            "ssim": ssim(x_gen, x, window=ssim_window(x)).tolist(),
         }
         # one guided step = one denoiser evaluation plus one defense forward+backward
         return AttackResult(x_adv.detach(), params=None, grad_evals=self.steps, extras=extras)
