@@ -114,6 +114,12 @@ class FixedNoise(WrappedAttack):
                             "do not pass one")
         self.seed = seed
         self._build_inner(attack, "forward", lambda d: pinned(d, seed), inner_params)
+        draws = getattr(self._inner, "eot_draws", 1)
+        if draws != 1:
+            # copies stacked along the batch would see other rows of the pinned noise than the
+            # scoring draw does, and averaging draws of one fixed noise is not a diagnostic
+            raise ValueError(f"fixed-noise pins one draw: the inner attack needs eot_draws=1, "
+                             f"got {draws!r}")
 
     @property
     def pinned_seed(self) -> int:

@@ -241,6 +241,8 @@ def test_fixed_noise_attack_is_a_diagnostic_scored_with_its_pinned_draw():
         expected = (pinned(model, 9)(res.x_adv).argmax(1) == y).long() * 10
     torch.testing.assert_close(counts, expected)
     assert is_diagnostic("fixed-noise") and not is_diagnostic("pgd")
+    with pytest.raises(ValueError, match="needs eot_draws=1, got 20"):
+        FixedNoise(attack="pgd-eot")
     assert not is_diagnostic("no-such-attack")
 
 
