@@ -102,7 +102,8 @@ class ScoreAGGAT(Attack):
     requires: ClassVar[frozenset[str]] = frozenset({"kind:classifier", "differentiable"})
     threat_models: ClassVar[frozenset[str] | None] = frozenset({"unrestricted"})
 
-    def __init__(self, *, denoiser: str = "digits-eps", judge: str = "digits-cnn-at",
+    def __init__(self, *, denoiser: str | Denoiser = "digits-eps",
+                 judge: str | nn.Module = "digits-cnn-at",
                  t_star: float = 0.3, dt: float = 0.01, s_x: float = 5.0, s_y: float = 5.0,
                  target: str = "runner-up") -> None:
         self.steps = euler_maruyama_steps(t_star, dt)
