@@ -120,6 +120,10 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                     reason: str | None
                     if a.threat_models is not None and t.name not in a.threat_models:
                         reason = f"suite restricts {a.id} to {list(a.threat_models)}"
+                    elif a.paired_with is not None and d.id not in a.paired_with:
+                        reason = f"suite restricts {a.id} to defenses {list(a.paired_with)}"
+                    elif d.paired_with is not None and a.id not in d.paired_with:
+                        reason = f"suite restricts {d.id} to attacks {list(d.paired_with)}"
                     else:
                         reason = attack.incompatibility(defense, THREAT_MODELS.get(t.name)(eps))
                     if reason:

@@ -165,6 +165,17 @@ def _fill(row: dict[str, Any], clean: dict[int, int], counts: dict[int, int], k:
                robust_acc_mean=r_acc.mean, robust_acc_worst_of_k=r_acc.worst)
 
 
+def is_diagnostic(attack_name: str) -> bool:
+    """Whether the attack class declares ``diagnostic = True`` (e.g. ``fixed-noise``, which
+    pins the defense's randomness): its row is reported but never enters the worst case."""
+    from benchmark.registries import ATTACKS
+
+    try:
+        return bool(getattr(ATTACKS.get(attack_name), "diagnostic", False))
+    except Exception:  # an attack no longer installed: not a diagnostic we know of
+        return False
+
+
 def _worst_case_rows(rows: list[dict[str, Any]], per_sample: dict[tuple[Any, ...], dict[int, int]],
                      clean: dict[tuple[str, str], dict[int, int]],
                      clean_k: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
@@ -174,6 +185,7 @@ def _worst_case_rows(rows: list[dict[str, Any]], per_sample: dict[tuple[Any, ...
         by_cell[(row["defense"], dparams, row["threat_model"], row["eps"])].append(row)
     out = []
     for (did, dparams, threat, eps), members in by_cell.items():
+        members = [m for m in members if not is_diagnostic(m["attack_name"])]
         ok = [m for m in members if not m.get("error")]
         if not ok:
             continue

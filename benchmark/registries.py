@@ -52,6 +52,9 @@ for _name, _ref in {
     "ll-unrestricted": "attacks.likelihood:UnrestrictedLikelihoodAttack",
     "flow-pgd-in": "attacks.flow_pgd:FlowPGDIn",
     "flow-pgd-ood": "attacks.flow_pgd:FlowPGDOOD",
+    "pgd-eot": "attacks.purification:PGDEOT",
+    "fixed-noise": "attacks.purification:FixedNoise",
+    "scoreag-gat": "attacks.scoreag_gat:ScoreAGGAT",
 }.items():
     ATTACKS.add(_name, _ref)
 
@@ -61,6 +64,7 @@ for _name, _ref in {
     "rdc": "defenses.rdc:RobustDiffusionClassifier",
     "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
     "diffpure": "defenses.diffpure:DiffPure",
+    "scoreag-gap": "defenses.scoreag:ScoreAGPurification",
     "flow": "defenses.density:FlowDensity",
     "pfode": "defenses.pfode:PFODEDensity",
 }.items():

@@ -103,6 +103,24 @@ def correct_counts(defense: nn.Module, x: Tensor, y: Tensor, k: int, num_classes
     return counts
 
 
+@torch.no_grad()
+def adversarial_counts(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor, k: int,
+                       num_classes: int, batch_size: int, who: str) -> Tensor:
+    """Correct-counts of adversarial examples: K fresh draws (:func:`correct_counts`), except for
+    a diagnostic attack that pins the defense's noise (``attack.pinned_seed``, the fixed-noise
+    diagnostic of :mod:`attacks.purification`): it is scored with that same pinned draw, on
+    the same batch the attack saw, and the one outcome counts for all K."""
+    seed = getattr(attack, "pinned_seed", None)
+    if seed is None:
+        return correct_counts(defense, x_adv, y, k, num_classes, batch_size, who)
+    reseed = getattr(defense, "reseed", None)
+    if not callable(reseed):
+        raise PluginOutputError(f"{who} has no reseed(seed); attack {attack!r} pins its noise")
+    reseed(seed)
+    logits = check_logits(defense(x_adv), len(x_adv), num_classes, who)
+    return (logits.argmax(dim=1) == y).long() * k
+
+
 def _jsonable(value: Any) -> Any:
     """Per-batch attack extras in a JSON-friendly form (tensors become summary numbers)."""
     if isinstance(value, Tensor):
@@ -306,7 +324,8 @@ def execute(job: JobSpec, device: str | None = None) -> JobResult:
                 dist = threat.distance(xb, x_adv, params)
                 safe = torch.where(viol.mask.view(-1, *[1] * (xb.dim() - 1)), xb, x_adv)
                 safe = torch.nan_to_num(safe)
-                counts = correct_counts(defense, safe, yb, k, num_classes, job.batch_size, who)
+                counts = adversarial_counts(defense, attack, safe, yb, k, num_classes,
+                                            job.batch_size, who)
                 for sid, c, why, d in zip(ids, counts.tolist(), viol.per_sample,
                                           dist.tolist(), strict=True):
                     outcomes.append(SampleOutcome(int(sid), 0 if why else int(c), d, why))

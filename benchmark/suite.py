@@ -25,6 +25,8 @@ the threat models with their epsilons::
     id = "pgd-ce"
     params = { steps = 50, loss = "ce" }
     # threat_models = ["linf", "l2"]     # restrict (default: all compatible)
+    # defenses = ["diffpure"]            # restrict to these defense ids (a defense entry
+    #                                    # takes attacks = [...] the same way)
 
     [[threat_models]]
     name = "linf"
@@ -81,6 +83,9 @@ class PluginSpec:
     params: tuple[tuple[str, Any], ...] = ()
     threat_models: tuple[str, ...] | None = None
     params_by_threat: tuple[tuple[str, Any], ...] = ()
+    #: ids of the other kind this entry is paired with (an attack's ``defenses``, a defense's
+    #: ``attacks``); None pairs it with all of them.
+    paired_with: tuple[str, ...] | None = None
 
     def kwargs(self, threat: str | None = None) -> dict[str, Any]:
         out = {k: thaw(v) for k, v in self.params}
@@ -128,6 +133,8 @@ class Suite:
 _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
                "dataset_params", "description", "num_cpus", "num_gpus"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
+#: per section, the key that restricts an entry to some ids of the other section
+_PAIRING_KEY = {"defenses": "attacks", "attacks": "defenses"}
 _THREAT_KEYS = {"name", "eps"}
 _TOP_KEYS = {"suite", "defenses", "attacks", "threat_models"}
 
@@ -198,7 +205,8 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
         path = f"{section}[{i}]"
         if not isinstance(item, dict):
             raise ctx.error(path, f"expected a table, got {item!r}")
-        ctx.unknown_keys(item, _PLUGIN_KEYS, path)
+        ctx.unknown_keys(item, _PLUGIN_KEYS | {_PAIRING_KEY.get(section, "threat_models")},
+                         path)
         name = _typed(ctx, item, "name", path, str, _REQUIRED)
         ident = _typed(ctx, item, "id", path, str, name)
         if ident in seen:
@@ -210,8 +218,15 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
         if tms is not None and (not isinstance(tms, list) or
                                 not all(isinstance(t, str) for t in tms)):
             raise ctx.error(f"{path}.threat_models", f"expected a list of names, got {tms!r}")
+        pair_key = _PAIRING_KEY.get(section)
+        paired = item.get(pair_key) if pair_key else None
+        if paired is not None and (not isinstance(paired, list) or not paired or
+                                   not all(isinstance(p, str) for p in paired)):
+            raise ctx.error(f"{path}.{pair_key}", f"expected a non-empty list of ids, "
+                                                  f"got {paired!r}")
         specs.append(PluginSpec(ident, name, freeze(params),
-                                tuple(tms) if tms is not None else None, freeze(by_threat)))
+                                tuple(tms) if tms is not None else None, freeze(by_threat),
+                                tuple(paired) if paired is not None else None))
     return tuple(specs)
 
 

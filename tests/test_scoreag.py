@@ -1,0 +1,304 @@
+"""ScoreAG GAP / GAT, SSIM, the purification attacks (PGD-EOT, fixed-noise diagnostic) and the
+suite mechanisms they rely on (t* per threat model, attack/defense pairing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from attacks.purification import LEE_KIM_STEP_RATIO, PGDEOT, FixedNoise, pinned
+from attacks.scoreag_gat import ScoreAGGAT, ssim
+from benchmark.leaderboard import is_diagnostic
+from benchmark.runner import adversarial_counts
+from benchmark.suite import SuiteError, load_suite, parse_suite
+from benchmark.zoo.analytic import GaussianDenoiser
+from defenses.diffpure import DiffPure
+from defenses.scoreag import ScoreAGPurification
+from threat_models.linf import LinfThreat
+from threat_models.unrestricted import UnrestrictedThreat
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+D = 16  # 1 x 4 x 4 images
+
+
+def _denoiser() -> GaussianDenoiser:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(D, D, generator=g) / 4
+    return GaussianDenoiser(torch.zeros(1, 4, 4), a @ a.T + 0.1 * torch.eye(D))
+
+
+def _head(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(D, classes)).requires_grad_(False)
+
+
+def _images(n: int = 4, seed: int = 1) -> Tensor:
+    return torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _gap(s_x: float, *, checkpoint: bool = True, t_star: float = 0.05) -> ScoreAGPurification:
+    return ScoreAGPurification(denoiser=_denoiser(), classifier=_head(), t_star=t_star, dt=5e-3,
+                               s_x=s_x, checkpoint=checkpoint)
+
+
+# -- GAP --------------------------------------------------------------------------------------
+def test_gap_without_guidance_is_diffpure_with_the_same_noise():
+    x = _images()
+    gap = _gap(0.0)
+    dp = DiffPure(denoiser=_denoiser(), classifier=_head(), t_star=0.05, dt=5e-3)
+    torch.testing.assert_close(gap.purify(x, seed=7), dp.purify(x, seed=7), rtol=0, atol=0)
+    assert gap.nfe_per_call == dp.nfe_per_call == 11
+
+
+def test_gap_guidance_pulls_the_sample_toward_the_input():
+    x = _images(8)
+    dist = {}
+    for s_x in (0.0, 2.0, 10.0):
+        out = _gap(s_x, t_star=0.2).purify(x, seed=3)
+        dist[s_x] = float((out - x).flatten(1).norm(dim=1).mean())
+    assert dist[10.0] < dist[2.0] < dist[0.0]
+    assert dist[10.0] < 0.8 * dist[0.0]
+
+
+def test_gap_exact_gradient_checkpointed_equals_plain_autograd():
+    """Second order through the guidance: per-step recomputation gives autograd's gradient."""
+    x = _images(3)
+    grads = []
+    for ckpt in (True, False):
+        model = _gap(3.0, checkpoint=ckpt)
+        model.reseed(5)
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xr).logsumexp(1).sum(), xr)
+        grads.append(grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_gap_guidance_term_reaches_the_gradient():
+    """The attack gradient includes the path through the reference image (the input)."""
+    x = _images(2)
+    grads = []
+    for s_x in (0.0, 3.0):
+        model = _gap(s_x)
+        xr = x.clone().requires_grad_(True)
+        out = model.purify(xr, seed=1)
+        (grad,) = torch.autograd.grad(out.sum(), xr)
+        grads.append(grad)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), "1"])
+def test_gap_rejects_bad_guidance_scales(bad):
+    with pytest.raises((ValueError, TypeError), match=r"s_x must be"):
+        _gap(bad)
+
+
+# -- DiffPure construction checks -------------------------------------------------------------
+def test_classifier_with_the_wrong_class_count_is_rejected_at_construction():
+    with pytest.raises(ValueError, match=r"returned \(2, 3\).*expected float logits of shape "
+                                         r"\(2, 10\)"):
+        DiffPure(denoiser=_denoiser(), classifier=_head(3), t_star=0.01, num_classes=10)
+
+
+def test_classifier_that_returns_no_logits_is_rejected():
+    class Scores(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.flatten(1).sum(1)
+
+    with pytest.raises(ValueError, match=r"returned \(2,\) on a probe batch of shape"):
+        DiffPure(denoiser=_denoiser(), classifier=Scores(), t_star=0.01)
+
+
+def test_num_classes_is_inferred_from_the_probe():
+    assert DiffPure(denoiser=_denoiser(), classifier=_head(4), t_star=0.01).num_classes == 4
+
+
+def test_a_draw_is_replayed_from_its_seed():
+    model = DiffPure(denoiser=_denoiser(), classifier=_head(), t_star=0.01)
+    x = _images()
+    a, b, c = model.purify(x, seed=11), model.purify(x, seed=11), model.purify(x, seed=12)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+# -- SSIM -------------------------------------------------------------------------------------
+def test_ssim_of_an_image_with_itself_is_one():
+    x = torch.rand(3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ssim(x, x), torch.ones(3))
+
+
+def test_ssim_of_constant_images_matches_the_hand_computation():
+    """Constant images: variances are 0, so SSIM = (2 m1 m2 + C1) / (m1^2 + m2^2 + C1)."""
+    x = torch.full((1, 1, 8, 8), 0.2, dtype=torch.float64)  # float64: no round-off variance
+    y = torch.full((1, 1, 8, 8), 0.6, dtype=torch.float64)
+    c1 = (0.01 * 1.0) ** 2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)
+    torch.testing.assert_close(ssim(x, y), torch.tensor([expected], dtype=torch.float64))
+
+
+def test_ssim_decreases_with_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    z = torch.randn(x.shape, generator=g)
+    values = [float(ssim(x, (x + s * z).clamp(0, 1)).mean()) for s in (0.0, 0.05, 0.2, 0.5)]
+    assert values == sorted(values, reverse=True) and values[-1] < 0.5
+
+
+def test_ssim_rejects_a_window_larger_than_the_image():
+    with pytest.raises(ValueError, match="window 7 is larger than the images"):
+        ssim(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4))
+
+
+# -- GAT --------------------------------------------------------------------------------------
+class _ConstantJudge(nn.Module):
+    """Always predicts ``label``."""
+
+    def __init__(self, label: int, classes: int = 3) -> None:
+        super().__init__()
+        self.label, self.classes = label, classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros(len(x), self.classes)
+        out[:, self.label] = 1.0
+        return out
+
+
+def _gat(judge: nn.Module, s_y: float = 50.0) -> ScoreAGGAT:
+    gat = ScoreAGGAT(denoiser=_denoiser(), judge=judge, t_star=0.2, dt=0.02, s_x=1.0, s_y=s_y)
+    return gat
+
+
+def test_gat_success_requires_the_judge_to_keep_the_true_class():
+    head = _head()
+    x = _images(6)
+    y = torch.zeros(6, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    agreeing = _gat(_ConstantJudge(0)).run(head, x, y, UnrestrictedThreat(), generator=g)
+    assert any(agreeing.extras["defense_fooled"])  # the classifier term does fool the head
+    assert agreeing.extras["success"] == agreeing.extras["defense_fooled"]
+    g = torch.Generator().manual_seed(0)
+    refusing = _gat(_ConstantJudge(1)).run(head, x, y, UnrestrictedThreat(), generator=g)
+    assert refusing.extras["success"] == [False] * 6
+    assert refusing.extras["judge_agree"] == [False] * 6
+    torch.testing.assert_close(refusing.x_adv, x, rtol=0, atol=0)  # the clean image back
+    assert len(refusing.extras["ssim"]) == len(refusing.extras["l2"]) == 6
+
+
+def test_gat_classifier_term_raises_the_fooling_rate():
+    head = _head()
+    x = _images(16)
+    y = head(x).argmax(1)
+    rates = []
+    for s_y in (0.0, 50.0):
+        g = torch.Generator().manual_seed(0)
+        res = _gat(_ConstantJudge(0), s_y).run(head, x, y, UnrestrictedThreat(), generator=g)
+        rates.append(sum(res.extras["defense_fooled"]))
+    assert rates[1] > rates[0]
+
+
+def test_gat_configuration_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"s_y must be >= 0.*got -1"):
+        ScoreAGGAT(s_y=-1)
+    with pytest.raises(ValueError, match=r"target must be one of .* got 'best'"):
+        ScoreAGGAT(target="best")
+    assert ScoreAGGAT().incompatibility(_head(), LinfThreat(0.1)) is not None
+
+
+# -- fixed-noise diagnostic and PGD-EOT --------------------------------------------------------
+def _diffpure() -> DiffPure:
+    return DiffPure(denoiser=_denoiser(), classifier=_head(), t_star=0.02, dt=5e-3)
+
+
+def test_fixed_noise_gives_the_same_defense_output_on_every_call():
+    model = _diffpure()
+    model.reseed(0)
+    x = _images()
+    view = pinned(model, 123)
+    torch.testing.assert_close(view(x), view(x), rtol=0, atol=0)
+    assert not torch.allclose(model(x), model(x))  # the deployed defense stays random
+
+
+def test_fixed_noise_attack_is_a_diagnostic_scored_with_its_pinned_draw():
+    model = _diffpure()
+    x = _images(5)
+    y = model.classifier(x).argmax(1)
+    attack = FixedNoise(attack="pgd", seed=9, steps=3)
+    assert attack.incompatibility(model, LinfThreat(0.1)) is None
+    assert "stochastic" in (attack.incompatibility(_head(), LinfThreat(0.1)) or "")
+    res = attack.run(model, x, y, LinfThreat(0.1), generator=torch.Generator().manual_seed(0))
+    assert res.extras["fixed_noise_seed"] == 9
+    counts = adversarial_counts(model, attack, res.x_adv, y, 10, 3, 100, "toy")
+    with torch.no_grad():
+        expected = (pinned(model, 9)(res.x_adv).argmax(1) == y).long() * 10
+    torch.testing.assert_close(counts, expected)
+    assert is_diagnostic("fixed-noise") and not is_diagnostic("pgd")
+    with pytest.raises(ValueError, match="needs eot_draws=1, got 20"):
+        FixedNoise(attack="pgd-eot")
+    assert not is_diagnostic("no-such-attack")
+
+
+def test_pgd_eot_step_follows_eps_with_lee_kim_defaults():
+    attack = PGDEOT()
+    assert (attack.steps, attack.eot_draws, attack.random_start) == (200, 20, False)
+    assert attack.pgd(LinfThreat(8 / 255)).step_size == pytest.approx(0.007)
+    assert attack.pgd(LinfThreat(0.1)).step_size == pytest.approx(0.1 * LEE_KIM_STEP_RATIO)
+    with pytest.raises(ValueError, match=r"step_ratio must be a finite number > 0.*got 0"):
+        PGDEOT(step_ratio=0)
+
+
+# -- suites -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threat, t_star", [("linf", 0.1), ("l2", 0.075), ("stadv", 0.125)])
+def test_digits_suite_sets_t_star_per_threat_model(threat, t_star):
+    suite = load_suite("digits")
+    for ident in ("diffpure", "scoreag-gap"):
+        spec = next(d for d in suite.defenses if d.id == ident)
+        assert spec.kwargs(threat)["t_star"] == t_star
+
+
+SUITE = """
+[suite]
+name = "t"
+dataset = "digits"
+subset = "test100-v1"
+
+[[defenses]]
+name = "undefended"
+params = {{ model = "digits-cnn" }}
+{dextra}
+
+[[attacks]]
+name = "pgd"
+params = {{ steps = 1 }}
+{aextra}
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+"""
+
+
+def test_pairing_keys_are_parsed_and_checked():
+    s = parse_suite(SUITE.format(dextra='attacks = ["pgd"]', aextra='defenses = ["x"]'))
+    assert s.defenses[0].paired_with == ("pgd",) and s.attacks[0].paired_with == ("x",)
+    with pytest.raises(SuiteError, match=r"attacks\[0\].defenses.*non-empty list of ids"):
+        parse_suite(SUITE.format(dextra="", aextra="defenses = []"))
+    with pytest.raises(SuiteError, match="unknown key"):
+        parse_suite(SUITE.format(dextra='defenses = ["x"]', aextra=""))
+
+
+def test_pairing_restricts_the_plan():
+    from benchmark.harness import plan_suite
+
+    plan = plan_suite(parse_suite(SUITE.format(dextra="", aextra='defenses = ["other"]')),
+                      limit=2)
+    assert all(j.is_clean for j in plan.jobs)
+    assert "restricts pgd to defenses ['other']" in plan.skipped[0]["reason"]
