@@ -120,6 +120,8 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
                     reason: str | None
                     if a.threat_models is not None and t.name not in a.threat_models:
                         reason = f"suite restricts {a.id} to {list(a.threat_models)}"
+                    elif a.eps is not None and eps not in a.eps:
+                        reason = f"suite restricts {a.id} to eps {list(a.eps)}"
                     elif a.paired_with is not None and d.id not in a.paired_with:
                         reason = f"suite restricts {a.id} to defenses {list(a.paired_with)}"
                     elif d.paired_with is not None and a.id not in d.paired_with:

@@ -27,6 +27,8 @@ the threat models with their epsilons::
     # threat_models = ["linf", "l2"]     # restrict (default: all compatible)
     # defenses = ["diffpure"]            # restrict to these defense ids (a defense entry
     #                                    # takes attacks = [...] the same way)
+    # eps = [0.03]                       # an attack only: restrict to these epsilons (each
+    #                                    # must be listed by one of its threat models)
 
     [[threat_models]]
     name = "linf"
@@ -86,6 +88,8 @@ class PluginSpec:
     #: ids of the other kind this entry is paired with (an attack's ``defenses``, a defense's
     #: ``attacks``); None pairs it with all of them.
     paired_with: tuple[str, ...] | None = None
+    #: an attack's ``eps``: the only epsilons it runs at; None runs every threat model's.
+    eps: tuple[float, ...] | None = None
 
     def kwargs(self, threat: str | None = None) -> dict[str, Any]:
         out = {k: thaw(v) for k, v in self.params}
@@ -205,8 +209,9 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
         path = f"{section}[{i}]"
         if not isinstance(item, dict):
             raise ctx.error(path, f"expected a table, got {item!r}")
-        ctx.unknown_keys(item, _PLUGIN_KEYS | {_PAIRING_KEY.get(section, "threat_models")},
-                         path)
+        extra = {_PAIRING_KEY.get(section, "threat_models")} | (
+            {"eps"} if section == "attacks" else set())
+        ctx.unknown_keys(item, _PLUGIN_KEYS | extra, path)
         name = _typed(ctx, item, "name", path, str, _REQUIRED)
         ident = _typed(ctx, item, "id", path, str, name)
         if ident in seen:
@@ -226,8 +231,47 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
                                                   f"got {paired!r}")
         specs.append(PluginSpec(ident, name, freeze(params),
                                 tuple(tms) if tms is not None else None, freeze(by_threat),
-                                tuple(paired) if paired is not None else None))
+                                tuple(paired) if paired is not None else None,
+                                _attack_eps(ctx, item, path) if section == "attacks" else None))
     return tuple(specs)
+
+
+def _attack_eps(ctx: _Ctx, item: dict[str, Any], path: str) -> tuple[float, ...] | None:
+    if "eps" not in item:
+        return None
+    raw = item["eps"]
+    values = raw if isinstance(raw, list) else [raw]
+    if not values:
+        raise ctx.error(f"{path}.eps", "expected a non-empty list of positive numbers")
+    try:
+        return tuple(validate_eps(e, name=f"eps of {path}") for e in values)
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(f"{path}.eps", str(exc)) from None
+
+
+def _check_cross_references(ctx: _Ctx, defenses: tuple[PluginSpec, ...],
+                            attacks: tuple[PluginSpec, ...],
+                            threats: tuple[ThreatSpec, ...]) -> None:
+    """Pairing keys must name ids of the suite, and an attack's eps must be offered by one of
+    its threat models: a typo would otherwise silently skip every job."""
+    for section, specs, other in (("defenses", defenses, attacks),
+                                  ("attacks", attacks, defenses)):
+        ids = [o.id for o in other]
+        for i, spec in enumerate(specs):
+            for ref in spec.paired_with or ():
+                if ref not in ids:
+                    hint = difflib.get_close_matches(ref, ids, n=1)
+                    raise ctx.error(f"{section}[{i}].{_PAIRING_KEY[section]}",
+                                    f"{ref!r} is not the id of one of the suite's "
+                                    f"{_PAIRING_KEY[section]} ({', '.join(ids)})"
+                                    + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    for i, spec in enumerate(attacks):
+        offered = {e for t in threats
+                   if spec.threat_models is None or t.name in spec.threat_models for e in t.eps}
+        for e in spec.eps or ():
+            if e not in offered:
+                raise ctx.error(f"attacks[{i}].eps", f"{e!r} is not an epsilon of its threat "
+                                                    f"models (offered: {sorted(offered)})")
 
 
 def _threats(ctx: _Ctx, doc: dict[str, Any]) -> tuple[ThreatSpec, ...]:
@@ -282,6 +326,10 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
             raise ctx.error(f"suite.{res_key}", f"must be {'>= 0' if zero_ok else '> 0'}, "
                                             f"got {raw!r}")
         resources[res_key] = float(raw)
+    defenses = _plugins(ctx, doc, "defenses")
+    attacks = _plugins(ctx, doc, "attacks")
+    threat_models = _threats(ctx, doc)
+    _check_cross_references(ctx, defenses, attacks, threat_models)
     return Suite(
         num_cpus=resources["num_cpus"],
         num_gpus=resources["num_gpus"],
@@ -289,9 +337,9 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
         subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),
         seed=_typed(ctx, head, "seed", "suite", int, 0),
-        defenses=_plugins(ctx, doc, "defenses"),
-        attacks=_plugins(ctx, doc, "attacks"),
-        threat_models=_threats(ctx, doc),
+        defenses=defenses,
+        attacks=attacks,
+        threat_models=threat_models,
         dataset_params=freeze(_typed(ctx, head, "dataset_params", "suite", dict, {})),
         description=_typed(ctx, head, "description", "suite", str, ""),
         source=source,

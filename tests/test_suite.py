@@ -107,3 +107,34 @@ def test_ray_resources_parsed_and_validated() -> None:
         parse_suite(base.format(extra="num_cpus = 0"), source="s.toml")
     with pytest.raises(SuiteError, match=r"suite.num_gpus.*expected a number, got 'one'"):
         parse_suite(base.format(extra='num_gpus = "one"'), source="s.toml")
+
+
+PAIRED = GOOD.replace('name = "undefended"\n', 'name = "undefended"\n\n[[defenses]]\nid = "at"\n'
+                      'name = "undefended"\nparams = { model = "digits-cnn-at" }\n'
+                      ).replace('params = { steps = 3 }\n', 'params = { steps = 3 }\n'
+                                'defenses = ["at"]\neps = [0.2]\n')
+
+
+def test_attack_pairing_and_eps_restrict_the_plan_with_reasons() -> None:
+    from benchmark.harness import plan_suite
+
+    suite = parse_suite(PAIRED, "paired.toml")
+    assert suite.attacks[0].paired_with == ("at",) and suite.attacks[0].eps == (0.2,)
+    plan = plan_suite(suite, limit=2)
+    attacked = {(j.defense.id, j.eps) for j in plan.jobs if not j.is_clean}
+    assert attacked == {("at", 0.2)}
+    reasons = {(s["defense"], s["eps"]): s["reason"] for s in plan.skipped}
+    assert reasons[("at", 0.1)] == "suite restricts pgd to eps [0.2]"
+    assert "restricts pgd to defenses ['at']" in reasons[("undefended", 0.2)]
+
+
+@pytest.mark.parametrize("old,new,match", [
+    ('defenses = ["at"]', 'defenses = ["tа"]', r"attacks\[0\].defenses.*not the id"),
+    ('defenses = ["at"]', 'defenses = ["a"]', r"did you mean 'at'"),
+    ('defenses = ["at"]', "defenses = []", "non-empty list of ids"),
+    ("eps = [0.2]", "eps = [0.3]", r"0.3 is not an epsilon of its threat models"),
+    ("eps = [0.2]", "eps = [-1]", r"attacks\[0\].eps"),
+])
+def test_bad_pairing_and_attack_eps_are_named(old: str, new: str, match: str) -> None:
+    with pytest.raises(SuiteError, match=match):
+        parse_suite(PAIRED.replace(old, new), "paired.toml")
