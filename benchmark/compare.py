@@ -1,7 +1,8 @@
 """``genbench compare OLD NEW``: per-row differences with statistics, and a regression gate.
 
-Rows are matched on (defense, attack, threat model, epsilon). For each matched row and each of
-clean and robust accuracy the difference ``new - old`` is reported with a 95% interval:
+Rows are matched on (defense, attack, threat model, epsilon). Density rows compare the detector's
+survival rate (attacked points still accepted, or still rejected) with the unpaired interval
+below. For each matched classifier row and each of clean and robust accuracy the difference ``new - old`` is reported with a 95% interval:
 
 * **paired**, when both sides are run folders whose store scored the same sample ids for the
   row: an exact McNemar test on the per-sample binary outcomes (a sample is correct when the
@@ -113,7 +114,21 @@ def _unsafe(value: Any) -> Any:
 
 
 def _row_key(r: Any) -> RowKey:
-    return (str(r["defense"]), str(r["attack"]), str(r["threat_model"]), float(r["eps"]))
+    # a density defense's clean row has no threat model and no epsilon
+    threat = "" if pd.isna(r["threat_model"]) else str(r["threat_model"])
+    eps = -1.0 if pd.isna(r["eps"]) else float(r["eps"])
+    return (str(r["defense"]), str(r["attack"]), threat, eps)
+
+
+def _detector_holds(r: Any) -> float:
+    """A density row's survival rate: attacked points still accepted (``lower``) or still
+    rejected (``raise``); NaN for clean density rows and classifier rows."""
+    direction = r.get("direction")
+    col = {"lower": "accepted", "raise": "rejected"}.get(direction if isinstance(direction, str)
+                                                       else "")
+    if col is None or col not in r or pd.isna(r[col]):
+        return math.nan
+    return float(r[col])
 
 
 def load_side(path: str | Path) -> Side:
@@ -164,7 +179,7 @@ class Delta:
     attack: str
     threat_model: str
     eps: float
-    metric: str  # "clean", "robust" or "row"
+    metric: str  # "clean", "robust", "detector" (density rows) or "row"
     old: float
     new: float
     diff: float
@@ -205,6 +220,23 @@ def compare(old: Side, new: Side, *, margin: float = 0.0) -> list[Delta]:
             continue
         r = new_rows[key]
         n_new = 0 if pd.isna(r["n"]) else int(r["n"])
+        if o.get("defense_kind") == "density":
+            ov, nv = _detector_holds(o), _detector_holds(r)
+            if math.isnan(ov):
+                continue  # a clean density row (its threshold is not a rate) or errored in OLD
+            if math.isnan(nv):
+                out.append(Delta(**base, metric="row", old=ov, new=nan, diff=nan, ci_low=nan,
+                                 ci_high=nan, test="error", p_value=nan, n_old=n_old,
+                                 n_new=n_new, regression=True, note="row errored in NEW"))
+                continue
+            diff, lo, hi = newcombe_unpaired(round(nv * n_new), n_new, round(ov * n_old), n_old)
+            delta = Delta(**base, metric="detector", old=ov, new=nv, diff=diff, ci_low=lo,
+                          ci_high=hi, test="newcombe", p_value=nan, n_old=n_old, n_new=n_new,
+                          regression=False, note=f"{o['direction']}: still "
+                          f"{'accepted' if o['direction'] == 'lower' else 'rejected'}")
+            delta.regression = _significant_drop(delta, margin)
+            out.append(delta)
+            continue
         if pd.isna(o["robust_acc"]):
             continue  # errored in OLD: nothing to regress from
         if pd.isna(r["robust_acc"]):
@@ -262,7 +294,8 @@ def render(deltas: list[Delta], *, tablefmt: str = "simple", margin: float = 0.0
         verdict = "REGRESSION" if d.regression else ("better" if d.diff > 0 and (
             (d.test == "mcnemar" and d.p_value < ALPHA) or (d.test == "newcombe"
                                                             and d.ci_low > 0)) else "")
-        rows.append([d.defense, d.attack, d.threat_model, f"{d.eps:g}", d.metric, _pct(d.old),
+        rows.append([d.defense, d.attack, d.threat_model, f"{d.eps:g}" if d.eps >= 0 else "",
+                     d.metric, _pct(d.old),
                      _pct(d.new), _pp(d.diff), ci, d.test, p, verdict, d.note])
     table = tabulate(rows, headers=["defense", "attack", "threat", "eps", "metric", "old %",
                                     "new %", "diff pp", "95% CI pp", "test", "p", "verdict",

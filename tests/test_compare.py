@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -172,7 +173,8 @@ def test_cli_errors_on_bad_input(tmp_path, capsys):
 needs_reference = pytest.mark.skipif(not (REFERENCE / "runs.sqlite").exists(),
                                      reason="no committed reference run in results/reference/")
 #: the reference's fast jobs, recomputed by the default regression-gate test
-FAST = "attack = 'clean' OR (attack IN ('pgd', 'torchattacks-pgd') AND threat = 'linf')"
+FAST = ("defense IN ('undefended', 'cnn-at') AND "
+        "(attack = 'clean' OR (attack IN ('pgd', 'torchattacks-pgd') AND threat = 'linf'))")
 
 
 def _limit() -> int:
@@ -196,19 +198,21 @@ def test_regression_gate_recomputes_reference_jobs(tmp_path, capsys):
     shutil.copytree(REFERENCE, out)
     with sqlite3.connect(out / "runs.sqlite") as conn:
         keys = [k for (k,) in conn.execute(f"SELECT key FROM jobs WHERE {FAST}")]
-        n_defenses = conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0]
-        assert n_defenses >= 1 and len(keys) == 5 * n_defenses  # clean + 2 x 2 l-inf PGD rows
+        n_clean = conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0]
+        assert len(keys) == 5 * 2  # the two CNNs: clean + 2 x 2 l-inf PGD rows
         conn.executemany("DELETE FROM samples WHERE job=?", [(k,) for k in keys])
         conn.executemany("DELETE FROM jobs WHERE key=?", [(k,) for k in keys])
     assert main(["run", "--suite", "quick", "--out", str(out), "--limit", str(_limit()),
                  "--progress", "none"]) == 0
     with sqlite3.connect(out / "runs.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0] == \
-            n_defenses
+            n_clean
     capsys.readouterr()
     text = _gate(capsys, REFERENCE, out, tmp_path / "gate.md")
     assert "mcnemar" in text
-    assert "| undefended | pgd" in (tmp_path / "gate.md").read_text()
+    gate = (tmp_path / "gate.md").read_text()
+    assert re.search(r"\| undefended +\| pgd +\| linf", gate)
+    assert re.search(r"\| realnvp-clean +\| flow-pgd-in +\| linf .*\| detector", gate)
 
 
 @needs_reference
@@ -220,3 +224,31 @@ def test_regression_gate_full_rerun(tmp_path, capsys):
                  "--progress", "none"]) == 0
     capsys.readouterr()
     _gate(capsys, REFERENCE, out, tmp_path / "gate.md")
+
+
+def _density_frame(rejected: float, accepted: float) -> pd.DataFrame:
+    rows = [dict(defense="flow", attack="clean", threat_model=math.nan, eps=math.nan, n=50,
+                 defense_kind="density", direction=math.nan, accepted=0.96, rejected=math.nan),
+            dict(defense="flow", attack="ood", threat_model="linf", eps=0.05, n=50,
+                 defense_kind="density", direction="raise", accepted=1 - rejected,
+                 rejected=rejected),
+            dict(defense="flow", attack="in", threat_model="linf", eps=0.05, n=50,
+                 defense_kind="density", direction="lower", accepted=accepted,
+                 rejected=1 - accepted)]
+    return pd.DataFrame(rows).reindex(columns=[*COLUMNS, "defense_kind"]
+                                      if "defense_kind" not in COLUMNS else COLUMNS)
+
+
+def test_density_rows_compare_the_detector_survival_rate() -> None:
+    old = Side("old", _density_frame(rejected=0.9, accepted=0.8), None)
+    same = compare(old, Side("new", _density_frame(rejected=0.9, accepted=0.8), None))
+    assert [(d.attack, d.metric) for d in same] == [("ood", "detector"), ("in", "detector")]
+    assert not any(d.regression for d in same)
+    worse = compare(old, Side("new", _density_frame(rejected=0.3, accepted=0.8), None))
+    by = {d.attack: d for d in worse}
+    assert by["ood"].regression and by["ood"].diff == pytest.approx(-0.6)
+    assert not by["in"].regression
+    # the clean row (no threat model, no epsilon) is matched, not reported missing
+    gone = _density_frame(rejected=0.9, accepted=0.8).iloc[1:]
+    missing = compare(old, Side("new", gone, None))
+    assert [(d.attack, d.test) for d in missing if d.test == "missing"] == [("clean", "missing")]
