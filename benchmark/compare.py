@@ -2,7 +2,8 @@
 
 Rows are matched on (defense, attack, threat model, epsilon). Density rows compare the detector's
 survival rate (attacked points still accepted, or still rejected) with the unpaired interval
-below. For each matched classifier row and each of clean and robust accuracy the difference ``new - old`` is reported with a 95% interval:
+below. For each matched classifier row and each of clean and robust accuracy the difference
+``new - old`` is reported with a 95% interval:
 
 * **paired**, when both sides are run folders whose store scored the same sample ids for the
   row: an exact McNemar test on the per-sample binary outcomes (a sample is correct when the
