@@ -140,6 +140,9 @@ def _nll_vs_eps(frame: pd.DataFrame, out: Path) -> list[Path]:
             err = np.nan_to_num(np.stack([y - lo, hi - y]))
             ax.errorbar(eps, y, yerr=err, marker="o", capsize=3,
                         label=str(did))
+        values = part[["nll_bpd_before", "nll_bpd_after"]].to_numpy(float)
+        if np.nanmin(values) > 0 and np.nanmax(values) > 10 * np.nanmin(values):
+            ax.set_yscale("log")  # regimes differ by orders of magnitude (Pope et al. table 1)
         direction = str(part["direction"].iloc[0])
         what = "attacked test images" if direction == "lower" else "attacked points"
         ax.set_xlabel(f"{threat} epsilon (0: the attack's start)")

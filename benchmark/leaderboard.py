@@ -303,8 +303,19 @@ def _interval(r: Any, name: str, pct: bool = False) -> str:
     return f"{show(value)} [{show(r.get(name + '_ci_low'))}, {show(r.get(name + '_ci_high'))}]"
 
 
-def render_density_markdown(frame: pd.DataFrame) -> str:
-    """The density rows: threshold, detector survival and NLL before/after per attack."""
+DENSITY_HEADERS = ["defense", "attack", "threat", "eps", "direction", "n",
+                   "threshold log p (bpd)", "detector holds [95% CI]", "NLL before", "NLL after",
+                   "complexity before / after", "wall s", "flags"]
+DENSITY_NOTE = ("Density defenses accept an image when log p >= the threshold that accepts 95% "
+                "of the clean test images (5% quantile, linear interpolation). In-distribution "
+                "attacks (direction `lower`): % of attacked test images still accepted; "
+                "out-of-distribution (`raise`): % of attacked points still rejected; 95% Wilson "
+                "intervals. NLL in bits/dim (mean [95% bootstrap interval]) of the attack's start "
+                "and of its result; complexity = PNG bytes / dim.")
+
+
+def density_table(frame: pd.DataFrame) -> list[list[Any]]:
+    """The density rows as display cells (:data:`DENSITY_HEADERS`), for Markdown and HTML."""
     table = []
     for _, r in frame.iterrows():
         if isinstance(r["error"], str) and r["error"]:
@@ -322,17 +333,13 @@ def render_density_markdown(frame: pd.DataFrame) -> str:
                       f"{_num(r['complexity_before'])} / {_num(r['complexity_after'])}".strip(" /"),
                       "" if pd.isna(r["wall_s"]) else f"{r['wall_s']:.1f}",
                       r["flags"] if isinstance(r["flags"], str) else ""])
-    head = ("## density\n\nDensity defenses accept an image when log p >= the threshold that "
-            "accepts 95% of the clean test images (5% quantile, linear interpolation). "
-            "In-distribution attacks (direction `lower`): % of attacked test images still "
-            "accepted; out-of-distribution (`raise`): % of attacked points still rejected; "
-            "95% Wilson intervals. NLL in bits/dim (mean [95% bootstrap interval]) of the "
-            "attack's start and of its result; complexity = PNG bytes / dim.\n")
-    return head + "\n" + tabulate(
-        table, headers=["defense", "attack", "threat", "eps", "direction", "n",
-                        "threshold log p (bpd)", "detector holds [95% CI]", "NLL before",
-                        "NLL after", "complexity before / after", "wall s", "flags"],
-        tablefmt="github") + "\n"
+    return table
+
+
+def render_density_markdown(frame: pd.DataFrame) -> str:
+    """The density rows: threshold, detector survival and NLL before/after per attack."""
+    return (f"## density\n\n{DENSITY_NOTE}\n\n"
+            + tabulate(density_table(frame), headers=DENSITY_HEADERS, tablefmt="github") + "\n")
 
 
 def write_markdown(frame: pd.DataFrame, path: str | Path, plan: Plan | None = None) -> Path:

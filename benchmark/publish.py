@@ -148,7 +148,7 @@ def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
             "filterable), [leaderboard.csv](leaderboard.csv) (canonical).\n")
     headers = ["rank", "defense", "eps", "clean", "robust [95% CI]", "worst-case attack",
                "NFE/pred", "flags"]
-    for tm, part in table.groupby("threat_model", sort=True):
+    for tm, part in (table.groupby("threat_model", sort=True) if len(table) else []):
         parts.append(f"## {md_escape(tm)}\n")
         rows = [["" if pd.isna(r["rank"]) else int(r["rank"]), md_escape(r["defense"]),
                  f"{r['eps']:g}", _pct(r["clean"]), _robust_cell(r),
@@ -327,6 +327,14 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                 '<a href="leaderboard.csv">leaderboard.csv</a>.')
     legend = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in FLAG_HELP.items())
     imgs = "".join(f'<img src="{_e(p)}" alt="{_e(Path(p).stem)}">' for p in plots)
+    from benchmark.leaderboard import DENSITY_HEADERS, DENSITY_NOTE, density_table, is_density
+
+    density = ""
+    if is_density(frame).any():
+        # tabulate's "html" format escapes every cell
+        density = (f"<h2>Density defenses</h2>\n<p>{_e(DENSITY_NOTE)}</p>\n"
+                   + tabulate(density_table(frame[is_density(frame)]), headers=DENSITY_HEADERS,
+                              tablefmt="html").replace("<table>", '<table class="lb">', 1))
     title = f"genbench leaderboard: {suite.name}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -346,6 +354,7 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
 <tbody>
 {chr(10).join(body)}
 </tbody></table>
+{density}
 <h2>Flags</h2>
 <dl class="legend">{legend}</dl>
 <h2>Plots</h2>
@@ -414,6 +423,8 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
               out / "leaderboard.csv")
     plots = write_plots(table, out / "plots") if len(table) else []
     for sub in ("plots", "density"):  # plots the run itself produced (density metrics)
+        if (run / sub).is_dir():
+            (out / "plots").mkdir(exist_ok=True)
         for png in sorted((run / sub).glob("*.png")) if (run / sub).is_dir() else []:
             shutil.copy2(png, out / "plots" / png.name)
             plots.append(f"plots/{png.name}")
