@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from attacks.eot import check_positive_int
 from benchmark.attack import Attack, AttackResult, Budget
+from benchmark.complexity import dct2
 from benchmark.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -110,32 +111,15 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The differentiable complexity proxy (high-complexity attack)
 # --------------------------------------------------------------------------------------------
-def _dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The orthonormal DCT-II matrix C (C @ v is the DCT of v; C C^T = I)."""
-    k = torch.arange(n, dtype=dtype, device=device)[:, None]
-    i = torch.arange(n, dtype=dtype, device=device)[None, :]
-    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    c[0] = c[0] / math.sqrt(2.0)
-    return c
-
-
-def dct2(x: Tensor) -> Tensor:
-    """Orthonormal 2-D DCT-II over the last two axes (scipy's ``dctn(..., norm="ortho")``)."""
-    h, w = x.shape[-2:]
-    ch = _dct_matrix(h, x.dtype, x.device)
-    cw = _dct_matrix(w, x.dtype, x.device)
-    return ch @ x @ cw.T
-
-
 def dct_highfreq_norm(x01: Tensor) -> Tensor:
     """The high-complexity attack's term ``|| DCT(x)[H/2:H, W/2:W] ||_2`` per sample (B,).
 
     Computed on the paper's [-1, 1] pixels (x_pm = 2 x01 - 1): the DCT is linear and the
     constant shift only touches the DC coefficient, so this is 2 ||DCT(x01)_hf||_2, the l2 norm
-    over every channel's high-frequency quadrant.
-
-    TODO: switch to ``benchmark.complexity``'s DCT term once it lands (a sibling branch adds
-    one); this local copy is kept small and tested against scipy.
+    over every channel's high-frequency quadrant (the l2 norm, not
+    :func:`benchmark.complexity.dct_high_freq_energy`'s default square, which puts the term on
+    the scale of log p / D as in the paper's figure 6; ``norm`` has a zero subgradient at
+    constant images, where the square root of the energy would not be differentiable).
     """
     h, w = x01.shape[-2:]
     hf = dct2(x01)[..., h // 2:, w // 2:]
