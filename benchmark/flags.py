@@ -302,10 +302,21 @@ def _gradients(frame: pd.DataFrame, ev: FlagEvidence) -> tuple[pd.Series, pd.Ser
             cosine = diag.get("cosine")
             eot = r.get("eot_draws")
             no_eot = eot is None or pd.isna(eot) or int(eot) <= 1
+            if no_eot and _pins_randomness(r):
+                no_eot = False  # a diagnostic that fixes the defense's noise (fixed-noise)
             if (isinstance(cosine, int | float) and not math.isnan(cosine)
                     and cosine < RANDOM_COSINE and no_eot):
                 random[idx] = True
     return bad, random
+
+
+def _pins_randomness(row: Any) -> bool:
+    """Whether the row's attack is a diagnostic (``diagnostic = True``, e.g. ``fixed-noise``,
+    which differentiates one pinned draw of the defense and needs no EOT)."""
+    from benchmark.leaderboard import is_diagnostic
+
+    name = row.get("attack_name")
+    return isinstance(name, str) and is_diagnostic(name)
 
 
 def _flatten(value: Any) -> list[float]:

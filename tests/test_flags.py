@@ -193,3 +193,17 @@ def test_rows_alone_support_frame_flags():
                  robust_ci_high=0.4)]
     flags = compute_flags(pd.DataFrame(rows)).tolist()
     assert flags == ["", "more_steps_higher_acc", "blackbox_beats_whitebox"]
+
+
+def test_fixed_noise_diagnostic_needs_no_eot() -> None:
+    """A diagnostic that pins the defense's noise (fixed-noise) is not flagged for gradient
+    randomness without EOT; the same row from a plain PGD is."""
+    import pandas as pd
+
+    from benchmark.flags import FlagEvidence, _gradients
+
+    frame = pd.DataFrame([dict(defense="diffpure", attack=a, attack_name=a, threat_model="linf",
+                               eps=0.1, eot_draws=1) for a in ("pgd", "fixed-noise")])
+    ev = FlagEvidence(diagnostics={"diffpure": {"cosine": 0.4}})
+    _, random = _gradients(frame, ev)
+    assert random.tolist() == [True, False]
