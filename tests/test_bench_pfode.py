@@ -31,7 +31,8 @@ import torch
 from benchmark.data import load_dataset
 from defenses.pfode import PFODEDensity
 
-pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # 20-90 s each on a busy 2-core CPU
+# 20-90 s each on a busy 2-core CPU
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.benchmark, pytest.mark.slow]
 
 BATCH = 4
 
@@ -72,14 +73,6 @@ def defense() -> PFODEDensity:
     d = PFODEDensity()
     d.reseed(0)
     return d
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpoint", "no-checkpoint"])

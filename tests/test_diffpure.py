@@ -9,13 +9,7 @@ from torch import nn
 from benchmark.zoo.analytic import GaussianDenoiser
 from defenses.diffpure import DiffPure, euler_maruyama_steps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(checkpoint: bool, t_star: float = 0.01) -> DiffPure:

@@ -23,17 +23,16 @@ from attacks.likelihood import (
 )
 from benchmark.registries import ATTACKS
 from tests.density_toys import GaussianDensity, box_qp_max_logp
-from tests.toys import gen, single_thread
+from tests.toys import gen
 from threat_models.linf import LinfThreat
 from threat_models.unrestricted import UnrestrictedThreat
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SHAPE = (1, 4, 4)
 D = 16
 

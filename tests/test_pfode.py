@@ -16,16 +16,13 @@ from torch import nn
 from benchmark.zoo.analytic import GaussianDenoiser
 from benchmark.zoo.schedules import EDM, VPSDE, SubVPSDE
 from defenses.pfode import SOLVERS, PFODEDensity, Solver, get_solver, solver_grid
-from tests.toys import gen, single_thread
+from tests.toys import gen
 
 LN2 = math.log(2.0)
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian(shape: tuple[int, ...], *, diagonal: bool, seed: int = 0) -> GaussianDenoiser:

@@ -16,16 +16,15 @@ from attacks.flow_pgd import (
     simulate_adversarial_training,
 )
 from tests.density_toys import GaussianDensity
-from tests.toys import gen, single_thread
+from tests.toys import gen
 from threat_models.l2 import L2Threat
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SHAPE = (1, 2, 5)  # n = 10, as in the paper's figure 3
 N = 10
 

@@ -18,13 +18,7 @@ from defenses.rdc import (
 from threat_models.l2 import L2Threat
 from threat_models.linf import LinfThreat
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from defenses.scoreag import ScoreAGPurification
 from threat_models.linf import LinfThreat
 from threat_models.unrestricted import UnrestrictedThreat
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D = 16  # 1 x 4 x 4 images
