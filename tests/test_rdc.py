@@ -203,6 +203,45 @@ def test_lagrange_falls_if_any_weight_succeeds():
         Lagrange(weights=[-1.0])
 
 
+class _PurifyThenLinear(_LinearWithLikelihood):
+    """A toy 'RDC': purify flips the image (x -> 1 - x), head is the linear classifier. Records
+    whether purify was ever called on an input that requires grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.purify_grad_calls = 0
+
+    def purify(self, x):
+        self.purify_grad_calls += int(x.requires_grad and torch.is_grad_enabled())
+        return 1 - x
+
+    def head(self, x):
+        return x.flatten(1) @ self.w.T
+
+    def forward(self, x):
+        return self.head(self.purify(x))
+
+
+def test_lagrange_paper_form_attacks_the_head_and_scores_the_defense():
+    from attacks.lagrange import Lagrange
+
+    model = _PurifyThenLinear()
+    x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    threat = LinfThreat(0.05)
+    res = Lagrange(weights=[0.0, 1.0], steps=10, random_start=False).run(model, x, y, threat)
+    assert model.purify_grad_calls == 0  # eq. 10: p(y|x) of the head on x, no purification
+    # success is decided on the whole defense, not on the head the gradient came from
+    assert res.extras["success"] == (model(res.x_adv).argmax(1) != y).tolist()
+    exact = Lagrange(weights=[0.0], steps=10, random_start=False, through="defense")
+    exact.run(model, x, y, threat)
+    assert model.purify_grad_calls > 0
+    with pytest.raises(ValueError, match="through must be one of"):
+        Lagrange(through="purify")
+    with pytest.raises(TypeError, match="through='head' sets the forward"):
+        Lagrange(forward=lambda d: d)
+
+
 def test_exact_attack_requires_purification(optimal):
     from attacks.exact import Exact
 
