@@ -76,7 +76,6 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
     ds = load_dataset(suite.dataset, **(thaw(suite.dataset_params) or {}))
     subset = get_subset(suite.dataset, suite.subset)
     ids = tuple(subset.ids[:limit] if limit else subset.ids)
-    shards = [ids[i:i + suite.shard_size] for i in range(0, len(ids), suite.shard_size)]
     cpu = resolve_device("cpu")
     common = dict(suite=suite.name, dataset=suite.dataset, dataset_params=suite.dataset_params,
                   subset_id=subset.id, subset_hash=subset.short_hash, seed=suite.seed,
@@ -97,6 +96,8 @@ def plan_suite(suite: Suite, *, limit: int | None = None) -> Plan:
     info = {a.id: {"direction": getattr(attack, "direction", None),
                    "start": getattr(attack, "start", None)} for a, attack in attacks}
     for d in suite.defenses:
+        mine = ids[:d.limit] if d.limit else ids  # a defense's `limit`: its first samples only
+        shards = [mine[i:i + suite.shard_size] for i in range(0, len(mine), suite.shard_size)]
         clean_done: set[tuple[Any, ...]] = set()
         for t in suite.threat_models:
             params = freeze(d.kwargs(t.name))

@@ -19,6 +19,7 @@ the threat models with their epsilons::
     params = { model = "digits-cnn" }
     # id = "cnn"                         # label in the leaderboard (default: name)
     # params_by_threat = { l2 = { t_star = 0.075 } }
+    # limit = 10                         # a defense only: its first 10 samples of the subset
 
     [[attacks]]
     name = "pgd"
@@ -90,6 +91,9 @@ class PluginSpec:
     paired_with: tuple[str, ...] | None = None
     #: an attack's ``eps``: the only epsilons it runs at; None runs every threat model's.
     eps: tuple[float, ...] | None = None
+    #: a defense's ``limit``: it is evaluated on the first ``limit`` samples of the subset only
+    #: (for defenses too costly for the whole subset in a small suite); None: all of them.
+    limit: int | None = None
 
     def kwargs(self, threat: str | None = None) -> dict[str, Any]:
         out = {k: thaw(v) for k, v in self.params}
@@ -210,7 +214,7 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
         if not isinstance(item, dict):
             raise ctx.error(path, f"expected a table, got {item!r}")
         extra = {_PAIRING_KEY.get(section, "threat_models")} | (
-            {"eps"} if section == "attacks" else set())
+            {"eps"} if section == "attacks" else {"limit"} if section == "defenses" else set())
         ctx.unknown_keys(item, _PLUGIN_KEYS | extra, path)
         name = _typed(ctx, item, "name", path, str, _REQUIRED)
         ident = _typed(ctx, item, "id", path, str, name)
@@ -229,10 +233,16 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
                                    not all(isinstance(p, str) for p in paired)):
             raise ctx.error(f"{path}.{pair_key}", f"expected a non-empty list of ids, "
                                                   f"got {paired!r}")
+        limit = item.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ctx.error(f"{path}.limit", f"expected an integer >= 1 (the number of samples "
+                                             f"this defense is evaluated on), got {limit!r}")
         specs.append(PluginSpec(ident, name, freeze(params),
                                 tuple(tms) if tms is not None else None, freeze(by_threat),
                                 tuple(paired) if paired is not None else None,
-                                _attack_eps(ctx, item, path) if section == "attacks" else None))
+                                _attack_eps(ctx, item, path) if section == "attacks" else None,
+                                limit))
     return tuple(specs)
 
 

@@ -138,3 +138,26 @@ def test_attack_pairing_and_eps_restrict_the_plan_with_reasons() -> None:
 def test_bad_pairing_and_attack_eps_are_named(old: str, new: str, match: str) -> None:
     with pytest.raises(SuiteError, match=match):
         parse_suite(PAIRED.replace(old, new), "paired.toml")
+
+
+def test_defense_limit_evaluates_that_defense_on_the_first_samples_only() -> None:
+    from benchmark.harness import plan_suite
+
+    text = PAIRED.replace('params = { model = "digits-cnn-at" }\n',
+                          'params = { model = "digits-cnn-at" }\nlimit = 3\n')
+    suite = parse_suite(text.replace("[suite]\n", "[suite]\nshard_size = 2\n"), "limit.toml")
+    assert suite.defenses[1].limit == 3 and suite.defenses[0].limit is None
+    plan = plan_suite(suite, limit=5)
+    ids = {}
+    for j in plan.jobs:
+        ids.setdefault((j.defense.id, j.is_clean), []).extend(j.sample_ids)
+    assert ids[("at", True)] == list(plan.sample_ids[:3]) == ids[("at", False)]
+    assert ids[("undefended", True)] == list(plan.sample_ids)
+    assert max(len(j.sample_ids) for j in plan.jobs) == 2  # shards still respect shard_size
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "1.5", "true", '"all"'])
+def test_bad_defense_limit_is_named(bad: str) -> None:
+    text = GOOD.replace('name = "undefended"\n', f'name = "undefended"\nlimit = {bad}\n')
+    with pytest.raises(SuiteError, match=r"defenses\[0\].limit.*integer >= 1"):
+        parse_suite(text, "limit.toml")
