@@ -1,8 +1,8 @@
 """Attack plug-ins: PGD (any threat model, any loss, EOT), EOT and BPDA wrappers, StAdv, and
 adapters over AutoAttack (``pyautoattack``, the AutoAttack of record) and torchattacks.
 
-All attacks follow :class:`benchmark.attack.Attack`; they are registered lazily in
-:data:`benchmark.registries.ATTACKS`, so importing this package is only needed for direct use.
+All attacks follow :class:`benchmark.api.attack.Attack`; they are registered lazily in
+:data:`benchmark.plugins.builtin.ATTACKS`, so importing this package is only needed for direct use.
 """
 
 from attacks.autoattack import AutoAttack

@@ -25,15 +25,15 @@ import difflib
 import io
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from attacks.eot import check_positive_int
-from benchmark.attack import Attack, AttackResult, Budget, Forward
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget, Forward
+from benchmark.api.threat import ThreatModel
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("auto", "standard", "plus", "rand", "custom")
@@ -141,6 +141,14 @@ class AutoAttack(Attack):
 
     name: ClassVar[str] = "autoattack"
     threat_models: ClassVar[frozenset[str] | None] = frozenset(NORMS)
+
+    @classmethod
+    def traits(cls, params: Mapping[str, Any]) -> AttackTraits:
+        """Gradient-free when every sub-attack is Square."""
+        attacks = params.get("attacks")
+        square = isinstance(attacks, list) and bool(attacks) and all(
+            str(a).lower() == "square" for a in attacks)
+        return AttackTraits(gradient="none" if square else "exact")
 
     def __init__(self, *, version: str = "auto", attacks: list[str] | None = None,
                  n_iter: int = 100, n_queries: int = 5000, batch_size: int = 500,

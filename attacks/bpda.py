@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from attacks.eot import WrappedAttack
-from benchmark.attack import AttackResult, Forward
-from benchmark.defense import has_capability
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import AttackResult, Forward
+from benchmark.api.defense import has_capability
+from benchmark.api.threat import ThreatModel
 
 
 def bpda_forward(defense: nn.Module) -> Forward:
@@ -43,6 +43,7 @@ class BPDA(WrappedAttack):
     """Runs an inner attack against the BPDA view of a defense with a purification stage."""
 
     name: ClassVar[str] = "bpda"
+    gradient: ClassVar[str] = "bpda"
     requires: ClassVar[frozenset[str]] = frozenset({"kind:classifier", "purify"})
 
     def __init__(self, *, attack: str = "pgd", **inner_params: Any) -> None:

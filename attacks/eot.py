@@ -14,15 +14,15 @@ never on one lucky draw.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attacks.losses import Loss
-from benchmark.attack import Attack, AttackResult, Budget, Forward
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget, Forward
+from benchmark.api.threat import ThreatModel
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -67,7 +67,7 @@ class WrappedAttack(Attack):
 
     def _build_inner(self, attack: str, keyword: str, value: Any,
                      inner_params: dict[str, Any]) -> Attack:
-        from benchmark.registries import ATTACKS
+        from benchmark.plugins.builtin import ATTACKS
 
         cls: Callable[..., Attack] = ATTACKS.get(attack)
         if not accepts(cls, keyword):
@@ -81,6 +81,16 @@ class WrappedAttack(Attack):
     @property
     def inner(self) -> Attack:
         return self._inner
+
+    @classmethod
+    def traits(cls, params: Mapping[str, Any]) -> AttackTraits:
+        """The inner attack's gradient kind (this wrapper's own, if it declares one)."""
+        from benchmark.plugins.traits import attack_traits
+
+        inner = str(params.get("attack", "pgd"))
+        rest = {k: v for k, v in params.items() if k != "attack"}
+        gradient = cls.gradient if "gradient" in vars(cls) else attack_traits(inner, rest).gradient
+        return AttackTraits(gradient=gradient, diagnostic=cls.diagnostic, wraps=inner)
 
     @property
     def budget(self) -> Budget:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from attacks.pgd import PGD
-from benchmark.attack import Attack, AttackResult, Budget
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult, Budget
+from benchmark.api.threat import ThreatModel
 
 
 class _Penalized(PGD):

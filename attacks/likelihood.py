@@ -61,12 +61,12 @@ import torch
 from torch import Tensor, nn
 
 from attacks.eot import check_positive_int
-from benchmark.attack import Attack, AttackResult, Budget
+from benchmark.api.attack import Attack, AttackResult, Budget
+from benchmark.api.threat import ThreatModel
 from benchmark.complexity import dct2
-from benchmark.threat import ThreatModel
 
 if TYPE_CHECKING:
-    from defenses.density import DensityDefense
+    from benchmark.api.density import DensityDefense
 
 __all__ = [
     "HighComplexityAttack",

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from attacks.eot import check_positive_int, evaluate_draws
 from attacks.losses import get_loss
-from benchmark.attack import Attack, AttackResult, Budget, Forward
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult, Budget, Forward
+from benchmark.api.threat import ThreatModel
 
 #: Builds the differentiable view of a defense that an attack differentiates (BPDA uses it).
 ForwardHook = Callable[[nn.Module], Forward]

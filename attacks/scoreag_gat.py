@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.attack import Attack, AttackResult
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult
+from benchmark.api.threat import ThreatModel
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.diffpure import draw_noise, euler_maruyama_steps, reverse_vp_sde
@@ -90,7 +90,7 @@ def load_judge(judge: str | nn.Module) -> nn.Module:
 
     if judge in list_models():
         return load_model(judge).eval()
-    from benchmark.registries import DEFENSES
+    from benchmark.plugins.builtin import DEFENSES
 
     return DEFENSES.get(judge)().eval()
 

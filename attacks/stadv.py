@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from attacks.eot import check_positive_int, evaluate_draws
 from attacks.losses import margin
 from attacks.pgd import ForwardHook, KeepBest
-from benchmark.attack import Attack, AttackResult, Budget, Forward
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, AttackResult, Budget, Forward
+from benchmark.api.threat import ThreatModel
 from threat_models.stadv import flow_smoothness
 
 #: lambda = SMOOTHNESS_SCALE / bound, i.e. 0.05 at the default bound 0.05 (perceptual-advex).

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from attacks.autoattack import DefenseView, draw_seed, rng_devices
-from benchmark.attack import Attack, AttackResult, Budget
-from benchmark.threat import AdditiveThreatModel, ThreatModel
+from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget
+from benchmark.api.threat import AdditiveThreatModel, ThreatModel
 
 LINF_ATTACKS = frozenset({
     "FGSM", "BIM", "RFGSM", "PGD", "EOTPGD", "FFGSM", "TPGD", "MIFGSM", "UPGD", "DIFGSM",
@@ -63,6 +64,11 @@ class TorchAttacks(Attack):
     """A torchattacks attack by name (an extra baseline; see the module docstring)."""
 
     name: ClassVar[str] = "torchattacks"
+
+    @classmethod
+    def traits(cls, params: Mapping[str, Any]) -> AttackTraits:
+        square = str(params.get("attack", "PGD")).lower() == "square"
+        return AttackTraits(gradient="none" if square else "exact")
 
     def __init__(self, *, attack: str = "PGD", alpha_scale: float | None = None,
                  **kwargs: Any) -> None:

@@ -11,11 +11,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from benchmark.registry import PluginLoadError, UnknownNameError
+from benchmark.plugins.registry import PluginLoadError, UnknownNameError
 
 EXIT_BAD_INPUT = 2
-COMMAND_MODULES = ("benchmark.compare", "benchmark.publish", "benchmark.conformance",
-                   "benchmark.bundle")
+COMMAND_MODULES = ("benchmark.report.compare", "benchmark.report.publish",
+                   "benchmark.verify.conformance", "benchmark.verify.bundle")
 EXIT_INTERRUPTED = 130
 
 
@@ -24,7 +24,7 @@ class CLIError(Exception):
 
 
 def _registries() -> dict[str, Any]:
-    from benchmark.registries import ATTACKS, DATASETS, DEFENSES, THREAT_MODELS, TRAINERS
+    from benchmark.plugins.builtin import ATTACKS, DATASETS, DEFENSES, THREAT_MODELS, TRAINERS
 
     return {"defenses": DEFENSES, "attacks": ATTACKS, "threat-models": THREAT_MODELS,
             "datasets": DATASETS, "trainable": TRAINERS}
@@ -32,7 +32,7 @@ def _registries() -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "suites":
-        from benchmark.suite import load_suite, shipped_suites
+        from benchmark.spec.suite import load_suite, shipped_suites
 
         for name in shipped_suites():
             print(f"{name}\t{load_suite(name).description}")
@@ -56,9 +56,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.harness import default_progress, run_suite
-    from benchmark.leaderboard import read_csv, render_markdown
-    from benchmark.suite import load_suite
+    from benchmark.report.leaderboard import read_csv, render_markdown
+    from benchmark.report.tables import write_tables
+    from benchmark.run.harness import default_progress, run_suite
+    from benchmark.spec.suite import load_suite
 
     suite = load_suite(args.suite)
     out = Path(args.out) if args.out else Path("results") / suite.name
@@ -67,18 +68,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                         device=args.device, limit=args.limit, fresh=args.fresh,
                         retry_errors=args.retry_errors, progress=progress,
                         ray_address=getattr(args, "ray_address", None))
-    print(render_markdown(read_csv(summary.leaderboard_csv)))
+    tables = write_tables(summary.out, summary.plan)
+    print(render_markdown(read_csv(tables.csv)))
     print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
           f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "
-          f"wrote {summary.leaderboard_csv} and {summary.leaderboard_md}", file=sys.stderr)
+          f"wrote {tables.csv} and {tables.md}", file=sys.stderr)
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.harness import code_version, plan_suite
-    from benchmark.leaderboard import build_leaderboard, render_markdown
+    from benchmark.report.leaderboard import build_leaderboard, render_markdown
+    from benchmark.spec.plan import plan_suite
+    from benchmark.spec.suite import parse_suite
     from benchmark.store import Store
-    from benchmark.suite import parse_suite
+    from benchmark.version import code_version
 
     run = Path(args.run)
     db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
@@ -92,12 +95,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     with Store(db) as store:
         frame = build_leaderboard(store, plan, code_version())
     if args.format == "csv":
-        from benchmark.leaderboard import _csv_safe
+        from benchmark.report.cells import csv_safe
 
         safe = frame.copy()
         for col in safe.columns:
             if safe[col].dtype == object:
-                safe[col] = safe[col].map(_csv_safe)
+                safe[col] = safe[col].map(csv_safe)
         safe.to_csv(sys.stdout, index=False, float_format="%.6g")
     else:
         print(render_markdown(frame, plan))
@@ -105,7 +108,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from benchmark.registries import TRAINERS
+    from benchmark.plugins.builtin import TRAINERS
 
     model = args.model
     prefix = f"{args.dataset}-"
@@ -200,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from benchmark.spec.suite import SuiteError
     from benchmark.store import StoreError
-    from benchmark.suite import SuiteError
 
     try:
         return int(args.func(args))

@@ -6,7 +6,7 @@ resumes where it stopped and never counts a sample twice. Leaderboards are deriv
 
 Jobs on density defenses also write one ``density`` row per sample (log p, bits/dim and PNG
 complexity before and after the attack, and the subsampled attack curve; see
-:class:`benchmark.jobs.DensityOutcome`), in the same transaction. The table is created with
+:class:`benchmark.spec.jobs.DensityOutcome`), in the same transaction. The table is created with
 ``IF NOT EXISTS``, so stores written before it existed open (and resume) unchanged.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.jobs import JobResult, JobSpec
+from benchmark.spec.jobs import JobResult, JobSpec
 
 SCHEMA_VERSION = 1
 

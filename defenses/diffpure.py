@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from benchmark.defense import Defense
+from benchmark.api.defense import Defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.rdc import _load_denoiser

@@ -62,9 +62,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from benchmark.api.density import DensityDefense, check_images
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import Schedule, SDESchedule, SubVPSDE, get_schedule
-from defenses.density import DensityDefense, check_images
 
 __all__ = ["SOLVERS", "PFODEDensity", "Solver", "get_solver", "solver_grid"]
 

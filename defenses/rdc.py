@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from benchmark.defense import Defense
+from benchmark.api.defense import Defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import DDPM, EDM
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmark.data.digits import load_digits
     from benchmark.data.subsets import get_subset, select
     from benchmark.zoo.flows import dequantize
-    from defenses.density import FlowDensity
+    from defenses.flow import FlowDensity
     from threat_models.linf import LinfThreat
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

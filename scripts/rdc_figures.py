@@ -6,7 +6,7 @@ memory of the exact-gradient attack.
 
 ``randomness``: mean pairwise cosine of ``repeats`` input gradients of the cross-entropy loss on
 the same clean images (RDC paper, fig. 2c), for ``dc`` and ``rdc`` (v1, exact gradient through
-the likelihood maximization), with the defaults of ``benchmark.registries``.
+the likelihood maximization), with the defaults of ``benchmark.plugins.builtin``.
 
 ``memory``: peak resident memory of one exact-gradient evaluation (the ``exact`` attack's step)
 through RDC v1 with N likelihood-maximization steps, each N in a fresh process, as the increase
@@ -37,8 +37,8 @@ def _data(n: int):
 
 
 def randomness(n: int, repeats: int) -> None:
-    from benchmark.diagnostics import gradient_diagnostics
-    from benchmark.registries import DEFENSES
+    from benchmark.plugins.builtin import DEFENSES
+    from benchmark.run.diagnostics import gradient_diagnostics
 
     x, y = _data(n)
     for name in ("dc", "rdc"):
@@ -56,7 +56,7 @@ def memory_one(n: int, steps: int, checkpoint: bool) -> None:
     import torch
 
     from attacks.exact import Exact
-    from benchmark.registries import THREAT_MODELS
+    from benchmark.plugins.builtin import THREAT_MODELS
     from defenses.rdc import RobustDiffusionClassifier
 
     torch.set_num_threads(1)

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from benchmark.api.density import DensityDefense, check_images
 from benchmark.zoo.analytic import LinearGaussianFlow
-from defenses.density import DensityDefense, check_images
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

@@ -7,8 +7,8 @@ import time
 import torch
 from torch import Tensor
 
-from benchmark.attack import Attack, AttackResult
-from benchmark.defense import Defense
+from benchmark.api.attack import Attack, AttackResult
+from benchmark.api.defense import Defense
 from benchmark.zoo import load_model
 
 

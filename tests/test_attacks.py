@@ -15,9 +15,9 @@ from torch import Tensor
 from attacks import BPDA, EOT, PGD, StAdv, get_loss
 from attacks.eot import evaluate_draws
 from attacks.losses import ce, dlr, margin
-from benchmark.attack import Attack, Budget
-from benchmark.registries import ATTACKS
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, Budget
+from benchmark.api.threat import ThreatModel
+from benchmark.plugins.builtin import ATTACKS
 from tests.toys import (
     Linear,
     NoisyLinear,

@@ -11,8 +11,8 @@ from pyautoattack.autopgd_base import APGDAttack
 
 from attacks import PGD, AutoAttack, StAdv, TorchAttacks
 from attacks.autoattack import VERSION_BUDGETS, DefenseView
-from benchmark.attack import Attack, Budget
-from benchmark.threat import ThreatModel
+from benchmark.api.attack import Attack, Budget
+from benchmark.api.threat import ThreatModel
 from tests.toys import Linear, NoisyLinear, gen, single_thread
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from benchmark.harness import run_suite
-from benchmark.suite import parse_suite
+from benchmark.run.harness import run_suite
+from benchmark.spec.suite import parse_suite
 from tests.test_harness import suite_text
 
 pytestmark = pytest.mark.benchmark

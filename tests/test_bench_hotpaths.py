@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmark.data import load_dataset
-from benchmark.registries import ATTACKS, THREAT_MODELS
+from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
 from benchmark.zoo import load_model
 from defenses.diffpure import DiffPure
 from defenses.rdc import DiffusionClassifier

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from benchmark.bundle import BundleError, safe_extract
 from benchmark.cli import main
+from benchmark.verify.bundle import BundleError, safe_extract
 from tests.test_harness import suite_text
 
 
@@ -144,7 +144,7 @@ def test_submit_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_inflated_claim_is_caught_by_rescoring(bundle, tmp_path, capsys):
     root = _unpack(bundle, tmp_path / "x")
-    from benchmark.leaderboard import read_csv, write_csv
+    from benchmark.report.leaderboard import read_csv, write_csv
 
     frame = read_csv(root / "leaderboard.csv")
     pgd = frame.attack == "pgd"

@@ -13,14 +13,9 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.compare import (
-    Side,
-    compare,
-    mcnemar_exact,
-    newcombe_paired,
-    newcombe_unpaired,
-)
-from benchmark.leaderboard import COLUMNS, write_csv
+from benchmark.report.compare import Side, compare
+from benchmark.report.leaderboard import COLUMNS, write_csv
+from benchmark.report.stats import mcnemar_exact, newcombe_paired, newcombe_unpaired
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results" / "reference" / "quick"

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from benchmark.cli import main
-from benchmark.conformance import FAIL, PASS, SKIP, check_defense
+from benchmark.verify.conformance import FAIL, PASS, SKIP, check_defense
 from tests.plugins import _Wrapped
 
 

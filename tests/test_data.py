@@ -29,7 +29,7 @@ from benchmark.data.subsets import (
     make_random_subset,
     select,
 )
-from benchmark.registry import UnknownNameError
+from benchmark.plugins.registry import UnknownNameError
 
 # Regression guards: the digits test split and the shipped subsets must never change.
 DIGITS_TEST_IDS_SHA256 = "ccbee712db4a8852798eb3b6356e636a9cc736df5485b065d2d565c25173fe64"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmark.data import load_dataset
-from benchmark.registries import TRAINERS
+from benchmark.plugins.builtin import TRAINERS
 from benchmark.train.denoiser import (
     config_for,
     dc_accuracy,

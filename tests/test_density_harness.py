@@ -24,19 +24,21 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmark.attack import Attack, AttackResult, Budget
-from benchmark.density_metrics import (
+from benchmark.api.attack import Attack, AttackResult, Budget
+from benchmark.api.density import DensityDefense
+from benchmark.api.threat import ThreatModel
+from benchmark.report.density import (
     acceptance_threshold,
     bootstrap_mean_interval,
     quantile_interval,
 )
-from benchmark.harness import plan_suite, run_suite
-from benchmark.leaderboard import read_csv, render_markdown
-from benchmark.scoring import wilson_interval
+from benchmark.report.leaderboard import read_csv, render_markdown
+from benchmark.report.stats import wilson_interval
+from benchmark.report.tables import write_tables
+from benchmark.run.harness import run_suite
+from benchmark.spec.plan import plan_suite
+from benchmark.spec.suite import parse_suite
 from benchmark.store import Store
-from benchmark.suite import parse_suite
-from benchmark.threat import ThreatModel
-from defenses.density import DensityDefense
 
 TOYS = "tests.test_density_harness"
 LN2 = math.log(2.0)
@@ -155,7 +157,7 @@ def run16(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]
     suite = parse_suite(density_suite(), "dens.toml")
     summary = run_suite(suite, out, limit=16, progress="none", log=lambda m: None)
     assert summary.errors == 0
-    return out, read_csv(summary.leaderboard_csv)
+    return out, read_csv(write_tables(summary.out, summary.plan).csv)
 
 
 def test_plan_density_jobs_and_skips() -> None:
@@ -275,7 +277,7 @@ def test_resume_reruns_nothing(run16: tuple[Path, pd.DataFrame], tmp_path: Path)
     suite = parse_suite(density_suite(), "dens.toml")
     summary = run_suite(suite, out, limit=16, progress="none", log=lambda m: None)
     assert summary.ran == 0 and summary.resumed == summary.total_jobs == 2 + 8
-    again = read_csv(summary.leaderboard_csv)
+    again = read_csv(write_tables(summary.out, summary.plan).csv)
     pd.testing.assert_frame_equal(frame.drop(columns=["wall_s", "code_version"]),
                                   again.drop(columns=["wall_s", "code_version"]))
 
@@ -289,7 +291,7 @@ def test_markdown_shows_density_section(run16: tuple[Path, pd.DataFrame]) -> Non
 
 def test_publish_shows_density_rows_and_plots(run16: tuple[Path, pd.DataFrame],
                                               tmp_path: Path) -> None:
-    from benchmark.publish import publish
+    from benchmark.report.publish import publish
 
     out, frame = run16
     site = publish(out, tmp_path / "lb")
@@ -317,7 +319,7 @@ def test_plots_written(run16: tuple[Path, pd.DataFrame]) -> None:
 def test_threat_violation_is_an_error_outcome(tmp_path: Path) -> None:
     suite = parse_suite(density_suite(overshoot=2.0, eps="[0.05]"), "dens.toml")
     summary = run_suite(suite, tmp_path / "run", limit=8, progress="none", log=lambda m: None)
-    frame = read_csv(summary.leaderboard_csv)
+    frame = read_csv(write_tables(summary.out, summary.plan).csv)
     row = frame[frame.attack == "away"].iloc[0]
     # every pixel moved 0.1 > eps away: every sample breaks the threat model, and counts as a
     # success of the attack (not accepted), never as a robust point
@@ -406,7 +408,7 @@ def test_malformed_density_attacks_are_error_rows(tmp_path: Path) -> None:
     summary = run_suite(parse_suite(text, "bad.toml"), tmp_path / "run", limit=8,
                         progress="none", log=lambda m: None)
     assert summary.errors == 2
-    frame = read_csv(summary.leaderboard_csv).set_index("attack")
+    frame = read_csv(write_tables(summary.out, summary.plan).csv).set_index("attack")
     assert "direction 'sideways'" in frame.loc["sideways", "error"]
     assert "extras['curve'] of shape (5, 1), expected (steps + 1, 8)" in frame.loc[
         "badcurve", "error"]
@@ -417,8 +419,8 @@ def test_malformed_density_attacks_are_error_rows(tmp_path: Path) -> None:
 
 def test_shipped_density_suites() -> None:
 
-    from benchmark.registries import ATTACKS
-    from benchmark.suite import load_suite
+    from benchmark.plugins.builtin import ATTACKS
+    from benchmark.spec.suite import load_suite
 
     suite = load_suite("digits-density")
     assert [d.name for d in suite.defenses] == ["pfode"] + ["flow"] * 6

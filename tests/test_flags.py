@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.diagnostics import gradient_diagnostics
-from benchmark.flags import FLAG_HELP, collect_evidence, compute_flags, is_blackbox
-from benchmark.harness import plan_suite, run_suite
+from benchmark.report.evidence import collect_evidence
+from benchmark.report.flags import FLAG_HELP, compute_flags, is_blackbox
+from benchmark.run.diagnostics import gradient_diagnostics
+from benchmark.run.harness import run_suite
+from benchmark.spec.plan import plan_suite
+from benchmark.spec.suite import parse_suite
 from benchmark.store import Store
-from benchmark.suite import parse_suite
 from benchmark.zoo import load_model
 from tests import flag_toys
 
@@ -85,7 +87,7 @@ def flagged(tmp_path_factory) -> pd.DataFrame:
     out = tmp_path_factory.mktemp("flags")
     run_suite(suite, out, limit=16, progress="none", log=lambda _: None)
     plan = plan_suite(suite, limit=16)
-    from benchmark.leaderboard import build_leaderboard
+    from benchmark.report.leaderboard import build_leaderboard
 
     with Store(out / "runs.sqlite") as store:
         frame = build_leaderboard(store, plan, "test")
@@ -200,7 +202,8 @@ def test_fixed_noise_diagnostic_needs_no_eot() -> None:
     randomness without EOT; the same row from a plain PGD is."""
     import pandas as pd
 
-    from benchmark.flags import FlagEvidence, _gradients
+    from benchmark.report.evidence import FlagEvidence
+    from benchmark.report.flags import _gradients
 
     frame = pd.DataFrame([dict(defense="diffpure", attack=a, attack_name=a, threat_model="linf",
                                eps=0.1, eot_draws=1) for a in ("pgd", "fixed-noise")])

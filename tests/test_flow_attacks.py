@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attacks.flow_pgd import FlowPGD, FlowPGDIn, FlowPGDOOD
-from benchmark.registries import ATTACKS
+from benchmark.plugins.builtin import ATTACKS
 from benchmark.zoo.flows import dequantize
 from tests.toys import gen, single_thread
 from threat_models.l2 import L2Threat
@@ -16,7 +16,7 @@ from threat_models.unrestricted import UnrestrictedThreat
 
 @pytest.fixture(scope="module")
 def flow():
-    from defenses.density import FlowDensity
+    from defenses.flow import FlowDensity
 
     return FlowDensity(model="digits-realnvp-clean")
 

@@ -11,7 +11,7 @@ import torch
 
 from benchmark.data import load_dataset
 from benchmark.data.subsets import get_subset, select
-from benchmark.registries import TRAINERS
+from benchmark.plugins.builtin import TRAINERS
 from benchmark.train.flow import pgd_nll, train, train_glow, train_realnvp
 from benchmark.zoo import ZooEntry, file_sha256, get_entry, load_entry, load_model
 from benchmark.zoo.flows import Flow, Glow, RealNVP, _GlowStep, dequantize

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.harness import run_suite
-from benchmark.leaderboard import read_csv
-from benchmark.suite import load_suite, parse_suite
+from benchmark.report.leaderboard import read_csv
+from benchmark.report.tables import write_tables
+from benchmark.run.harness import run_suite
+from benchmark.spec.suite import load_suite, parse_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,7 @@ def test_plugin_failures_become_error_rows_and_the_run_goes_on(tmp_path):
     ) + '\n[[defenses]]\nname = "undefended"\n'
     suite = parse_suite(suite_text(defenses, eps="[0.1]"), "t.toml")
     summary = run_suite(suite, tmp_path / "out", limit=8, progress="none", log=lambda m: None)
-    frame = read_csv(summary.leaderboard_csv)
+    frame = read_csv(write_tables(summary.out, summary.plan).csv)
     rows = frame.set_index("defense")
     assert re.search(r"returned shape \(\d+, 3\), expected logits of shape \(\d+, 10\)",
                      rows.loc["wrong-shape", "error"])
@@ -192,7 +193,7 @@ def test_threat_violation_is_scored_not_robust(tmp_path):
     suite = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n', attacks=attacks,
                                    eps="[0.01]"), "t.toml")
     summary = run_suite(suite, tmp_path / "out", limit=8, progress="none", log=lambda m: None)
-    row = read_csv(summary.leaderboard_csv).query("attack == 'cheat'").iloc[0]
+    row = read_csv(write_tables(summary.out, summary.plan).csv).query("attack == 'cheat'").iloc[0]
     assert row.n_errors == 8
     assert row.robust_acc == 0.0
     assert "threat_violation" in row["flags"]
@@ -203,7 +204,7 @@ def test_stochastic_defense_scored_with_k_draws_and_reproducible(tmp_path):
     suite = parse_suite(suite_text(defenses, eps="[0.1]", k=5), "t.toml")
     a = run_suite(suite, tmp_path / "a", limit=8, progress="none", log=lambda m: None)
     b = run_suite(suite, tmp_path / "b", limit=8, progress="none", log=lambda m: None)
-    fa, fb = read_csv(a.leaderboard_csv), read_csv(b.leaderboard_csv)
+    fa, fb = read_csv(write_tables(a.out, a.plan).csv), read_csv(write_tables(b.out, b.plan).csv)
     pd.testing.assert_frame_equal(stable(fa), stable(fb))  # same seed, same table
     assert fa.stochastic.all() and (fa.k_draws == 5).all()
     assert (fa.robust_acc_worst_of_k <= fa.robust_acc + 1e-12).all()
@@ -215,8 +216,8 @@ def test_process_executor_gives_the_same_leaderboard(tmp_path):
     local = run_suite(suite, tmp_path / "local", limit=8, progress="none", log=lambda m: None)
     proc = run_suite(suite, tmp_path / "proc", limit=8, progress="none", executor="process",
                      workers=2, log=lambda m: None)
-    pd.testing.assert_frame_equal(stable(read_csv(local.leaderboard_csv)),
-                                  stable(read_csv(proc.leaderboard_csv)))
+    pd.testing.assert_frame_equal(stable(read_csv(write_tables(local.out, local.plan).csv)),
+                                  stable(read_csv(write_tables(proc.out, proc.plan).csv)))
 
 
 @pytest.mark.parametrize(
@@ -271,7 +272,7 @@ import multiprocessing as mp, os, sys, time
 sys.path.insert(0, {root!r})
 
 def child(driver):
-    from benchmark.executors import watch_parent
+    from benchmark.run.executors import watch_parent
     watch_parent(driver, interval=0.1)
     time.sleep(60)
 

@@ -21,7 +21,7 @@ from attacks.likelihood import (
     dct2,
     dct_highfreq_norm,
 )
-from benchmark.registries import ATTACKS
+from benchmark.plugins.builtin import ATTACKS
 from tests.density_toys import GaussianDensity, box_qp_max_logp
 from tests.toys import gen
 from threat_models.linf import LinfThreat
@@ -305,7 +305,7 @@ def test_incompatible_defenses_and_threats():
 
 
 def test_flows_lack_the_parts_prior_only_and_reverse_need():
-    from defenses.density import FlowDensity
+    from defenses.flow import FlowDensity
 
     flow = FlowDensity(model="digits-realnvp-clean")
     assert PriorOnlyAttack().incompatibility(flow, UnrestrictedThreat()) == (

@@ -312,7 +312,7 @@ def test_bad_configuration_raises_clear_errors():
 
 
 def test_registered_default_defense_on_the_real_denoiser():
-    from benchmark.registries import DEFENSES
+    from benchmark.plugins.builtin import DEFENSES
 
     d = DEFENSES.get("pfode")()
     assert isinstance(d, PFODEDensity)

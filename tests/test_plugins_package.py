@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.leaderboard import read_csv
+from benchmark.report.leaderboard import read_csv
 from tests.test_harness import suite_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +81,8 @@ def test_no_plugins_switch_hides_them(venv):
 
 
 def test_safe_discover_turns_the_broken_plugin_into_a_warning(venv):
-    code = ("import warnings; from benchmark.registries import DEFENSES; "
-            "from benchmark.registry import safe_discover; "
+    code = ("import warnings; from benchmark.plugins.builtin import DEFENSES; "
+            "from benchmark.plugins.registry import safe_discover; "
             "warnings.simplefilter('always'); print(safe_discover(DEFENSES))")
     res = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.flags import FLAG_HELP
-from benchmark.leaderboard import read_csv
+from benchmark.report.flags import FLAG_HELP
+from benchmark.report.leaderboard import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

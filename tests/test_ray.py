@@ -12,15 +12,17 @@ import pytest
 from torch import Tensor
 
 from benchmark.cli import main
-from benchmark.harness import plan_suite, run_suite
-from benchmark.leaderboard import read_csv
-from benchmark.suite import parse_suite
+from benchmark.report.leaderboard import read_csv
+from benchmark.report.tables import write_tables
+from benchmark.run.harness import run_suite
+from benchmark.spec.plan import plan_suite
+from benchmark.spec.suite import parse_suite
 from tests.plugins import _Wrapped
 from tests.test_harness import stable, suite_text
 
 pytest.importorskip("ray")
 
-from benchmark.executors_ray import RayExecutor  # noqa: E402
+from benchmark.run.ray import RayExecutor  # noqa: E402
 
 DEFENSES = ('[[defenses]]\nname = "undefended"\n\n'
             '[[defenses]]\nname = "tests.plugins:NoisyDefense"\nid = "noisy"\n')
@@ -53,7 +55,8 @@ def test_ray_gives_the_same_leaderboard_as_local_and_retries_lost_workers(tmp_pa
                     progress="none", log=lambda m: None)
     assert ray.errors == 0 and local.ran == 8 and ray.ran == 12
     assert marker.exists()
-    a, b = read_csv(local.leaderboard_csv), read_csv(ray.leaderboard_csv)
+    a = read_csv(write_tables(local.out, local.plan).csv)
+    b = read_csv(write_tables(ray.out, ray.plan).csv)
     assert a.error.isna().all() and b.error.isna().all()
     shared = b[b.defense != "crash"]
     pd.testing.assert_frame_equal(stable(a), stable(shared))

@@ -182,7 +182,7 @@ class _LinearWithLikelihood(torch.nn.Module):
 
 def test_lagrange_falls_if_any_weight_succeeds():
     from attacks.lagrange import Lagrange
-    from benchmark.registries import ATTACKS
+    from benchmark.plugins.builtin import ATTACKS
 
     assert ATTACKS.get("lagrange") is Lagrange
     model = _LinearWithLikelihood()

@@ -2,7 +2,7 @@ import importlib.metadata as md
 
 import pytest
 
-from benchmark.registry import PluginLoadError, Registry, UnknownNameError, import_ref
+from benchmark.plugins.registry import PluginLoadError, Registry, UnknownNameError, import_ref
 
 
 class Thing:

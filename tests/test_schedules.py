@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from benchmark.registry import UnknownNameError
+from benchmark.plugins.registry import UnknownNameError
 from benchmark.zoo.schedules import (
     DDPM,
     EDM,

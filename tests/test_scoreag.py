@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from attacks.purification import LEE_KIM_STEP_RATIO, PGDEOT, FixedNoise, pinned
+from attacks.fixed_noise import FixedNoise, pinned
+from attacks.pgd_eot import LEE_KIM_STEP_RATIO, PGDEOT
 from attacks.scoreag_gat import ScoreAGGAT, ssim
-from benchmark.leaderboard import is_diagnostic
-from benchmark.runner import adversarial_counts
-from benchmark.suite import SuiteError, load_suite, parse_suite
+from benchmark.plugins.traits import is_diagnostic
+from benchmark.run.runner import adversarial_counts
+from benchmark.spec.suite import SuiteError, load_suite, parse_suite
 from benchmark.zoo.analytic import GaussianDenoiser
 from defenses.diffpure import DiffPure
 from defenses.scoreag import ScoreAGPurification

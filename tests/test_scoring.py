@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmark.scoring import aggregate, wilson_interval
+from benchmark.report.stats import aggregate, wilson_interval
 
 
 @pytest.mark.parametrize(

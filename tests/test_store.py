@@ -3,9 +3,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from benchmark.jobs import JobResult, JobSpec, SampleOutcome
+from benchmark.spec.jobs import JobResult, JobSpec, SampleOutcome
+from benchmark.spec.suite import PluginSpec
 from benchmark.store import Store, StoreError
-from benchmark.suite import PluginSpec
 
 
 def job(ids=(1, 2, 3)) -> JobSpec:

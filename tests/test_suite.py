@@ -1,6 +1,6 @@
 import pytest
 
-from benchmark.suite import SuiteError, load_suite, parse_suite, shipped_suites
+from benchmark.spec.suite import SuiteError, load_suite, parse_suite, shipped_suites
 
 GOOD = """
 [suite]
@@ -38,7 +38,7 @@ def test_shipped_suites_parse():
 
 def test_digits_dc_suite_plans_every_paper_attack_on_rdc():
     """The DC-family suite builds its plug-ins and pairs RDC with every attack of the paper."""
-    from benchmark.harness import plan_suite
+    from benchmark.spec.plan import plan_suite
 
     plan = plan_suite(load_suite("digits-dc"), limit=4)
     pairs = {(j.defense.id, j.attack.id if j.attack else "clean", j.threat) for j in plan.jobs}
@@ -116,7 +116,7 @@ PAIRED = GOOD.replace('name = "undefended"\n', 'name = "undefended"\n\n[[defense
 
 
 def test_attack_pairing_and_eps_restrict_the_plan_with_reasons() -> None:
-    from benchmark.harness import plan_suite
+    from benchmark.spec.plan import plan_suite
 
     suite = parse_suite(PAIRED, "paired.toml")
     assert suite.attacks[0].paired_with == ("at",) and suite.attacks[0].eps == (0.2,)
@@ -141,7 +141,7 @@ def test_bad_pairing_and_attack_eps_are_named(old: str, new: str, match: str) ->
 
 
 def test_defense_limit_evaluates_that_defense_on_the_first_samples_only() -> None:
-    from benchmark.harness import plan_suite
+    from benchmark.spec.plan import plan_suite
 
     text = PAIRED.replace('params = { model = "digits-cnn-at" }\n',
                           'params = { model = "digits-cnn-at" }\nlimit = 3\n')

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from benchmark.registries import THREAT_MODELS
-from benchmark.registry import UnknownNameError
-from benchmark.threat import ThreatModel, validate_eps
+from benchmark.api.threat import ThreatModel, validate_eps
+from benchmark.plugins.builtin import THREAT_MODELS
+from benchmark.plugins.registry import UnknownNameError
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 from threat_models.stadv import warp
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmark.registries import TRAINERS
+from benchmark.plugins.builtin import TRAINERS
 from benchmark.train.classifier import random_shift, train
 from benchmark.zoo import ZooEntry, file_sha256, get_entry, load_entry
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from attacks.pgd import PGD
 from benchmark.data import load_dataset
 from benchmark.data.subsets import get_subset, select
-from benchmark.registries import TRAINERS
+from benchmark.plugins.builtin import TRAINERS
 from benchmark.train.classifier import train_adversarial
 from benchmark.zoo import ZooEntry, file_sha256, get_entry, list_models, load_entry, load_model
 from threat_models.linf import LinfThreat

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from benchmark.data import load_dataset
 from benchmark.data.subsets import get_subset, select
-from benchmark.registries import DEFENSES
+from benchmark.plugins.builtin import DEFENSES
 from benchmark.zoo import (
     UnknownModelError,
     ZooEntry,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.defense import Defense
+from benchmark.api.defense import Defense
 
 
 class Linear(nn.Module):

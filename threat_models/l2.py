@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.threat import AdditiveThreatModel
+from benchmark.api.threat import AdditiveThreatModel
 
 _TINY = 1e-12
 

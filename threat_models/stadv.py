@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.threat import CHECK_ATOL, ThreatModel, Violation
+from benchmark.api.threat import CHECK_ATOL, ThreatModel, Violation
 
 ALIGN_CORNERS = False
 MODE = "bilinear"

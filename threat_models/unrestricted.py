@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.threat import ThreatModel, Violation
+from benchmark.api.threat import ThreatModel, Violation
 
 
 class UnrestrictedThreat(ThreatModel):

@@ -66,11 +66,11 @@ class Dataset:
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
-    """Load a registered dataset (``benchmark.registries.DATASETS``) by name.
+    """Load a registered dataset (``benchmark.plugins.builtin.DATASETS``) by name.
 
     Keyword arguments go to the loader (e.g. ``resolution=8`` for the digits, ``root=...`` for
     CIFAR-10). Results are cached in-process per (name, kwargs); the returned tensors are shared
-    between callers. Unknown names raise :class:`benchmark.registry.UnknownNameError` with
+    between callers. Unknown names raise :class:`benchmark.plugins.registry.UnknownNameError` with
     "did you mean" suggestions.
     """
     key = tuple(sorted(kwargs.items()))
@@ -87,7 +87,7 @@ def clear_dataset_cache() -> None:
 
 
 def _load_uncached(name: str, key: tuple[tuple[str, Any], ...]) -> Dataset:
-    from benchmark.registries import DATASETS  # lazy: registries imports plug-in modules
+    from benchmark.plugins.builtin import DATASETS  # lazy: registries imports plug-in modules
 
     loader = DATASETS.get(name)
     ds = loader(**dict(key))

@@ -236,7 +236,7 @@ def train(*, arch: str, dataset: str = "digits", regime: str = "clean", seed: in
     from tqdm import tqdm
 
     from benchmark.data import load_dataset
-    from benchmark.registry import import_ref
+    from benchmark.plugins.registry import import_ref
     from benchmark.zoo import ZOO_DIR, ZooEntry, file_sha256, register_model
 
     _check_choice("arch", arch, tuple(ARCHS))

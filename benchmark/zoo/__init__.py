@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.registry import UnknownNameError, import_ref
+from benchmark.plugins.registry import UnknownNameError, import_ref
 
 __all__ = [
     "ZOO_DIR",

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from benchmark.registry import UnknownNameError
+from benchmark.plugins.registry import UnknownNameError
 
 __all__ = [
     "DDPM",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.defense import Defense
+from benchmark.api.defense import Defense
 from benchmark.zoo import load_model
 
 __all__ = ["Blurred"]

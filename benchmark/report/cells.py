@@ -1,0 +1,48 @@
+"""Cell-level helpers shared by every table the report writes: percentages, spreadsheet-safe
+text, and the plug-in versions of a row."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pandas as pd
+
+#: text cells starting with these would run as formulas in a spreadsheet.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def is_number(v: Any) -> bool:
+    """A present, non-NaN number (None, NaN and pandas' NA are missing)."""
+    if v is None or isinstance(v, str):
+        return False
+    try:
+        return not (isinstance(v, float) and math.isnan(v)) and not bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def pct(v: Any) -> str:
+    """A fraction as a percentage with one decimal; '' when missing."""
+    return f"{100 * float(v):.1f}" if is_number(v) else ""
+
+
+def csv_safe(value: Any) -> Any:
+    """Neutralize spreadsheet formulas in text cells (a name starting with = + - @)."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_unsafe(value: Any) -> Any:
+    """Undo :func:`csv_safe`."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(
+            FORMULA_PREFIXES):
+        return value[1:]
+    return value
+
+
+def plugin_versions(jobs: Iterable[Mapping[str, Any]]) -> str:
+    """The ``;``-joined, sorted plug-in versions (``dist==version``) of a row's jobs."""
+    return ";".join(sorted({v for j in jobs for v in j["plugin_versions"].values()}))

@@ -1,0 +1,265 @@
+"""Validity flags, computed from the leaderboard rows and stored in the ``flags`` column.
+
+Each flag is a short name; ``FLAG_HELP`` explains it in one line. Flags are evidence that an
+evaluation may be unreliable; they are data, not warnings.
+
+Some flags need only the rows (non-monotone epsilon, more steps, BPDA vs exact, a black-box
+attack beating the white-box ones by accuracy); others need evidence from the store
+(:func:`collect_evidence`): the attacks' ``extras`` (PGD's ``zero_grad_frac``, AutoAttack's
+warnings), per-sample outcomes (a black-box attack breaking samples that every white-box attack
+failed on) and the clean jobs' gradient diagnostics (:mod:`benchmark.run.diagnostics`).
+
+What a row's attack is (black box, BPDA, diagnostic) is read from its plug-in's declared traits
+(:class:`benchmark.api.attack.AttackTraits`), never from its name: ``torchattacks`` with
+``attack = "Square"`` and ``autoattack`` with ``attacks = ["square"]`` declare themselves
+gradient-free, ``bpda`` declares a surrogate gradient and names the attack it wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+import pandas as pd
+
+from benchmark.api.attack import AttackTraits
+from benchmark.plugins.traits import attack_traits
+from benchmark.report.evidence import WORST, FlagEvidence, row_key
+from benchmark.report.stats import mcnemar_exact
+
+FLAG_HELP = {
+    "threat_violation": "some returned adversarial examples broke the threat model or were "
+                        "non-finite; they were scored as not robust",
+    "nonmonotone_eps": "robust accuracy is higher at a larger epsilon than at a smaller one for "
+                       "the same defense and attack (the attack is failing to optimize)",
+    "attack_error": "the attack raised for this row; see the error column",
+    "worst_case_incomplete": "at least one attack errored and is missing from the worst case",
+    "blackbox_beats_whitebox": "a black-box attack (Square) broke samples that every white-box "
+                               "attack failed on: the gradients mislead the white-box attacks",
+    "more_steps_higher_acc": "more steps of the same attack gave a higher robust accuracy "
+                             "(the attack is not converging; its budget or step size is off)",
+    "bad_gradients": "input gradients are mostly zero, non-finite, exploding or detached "
+                     "(gradient masking; white-box numbers are upper bounds at best)",
+    "grad_randomness_no_eot": "repeated input gradients of a stochastic defense disagree "
+                              "(low pairwise cosine) and this attack used no EOT",
+    "bpda_exact_disagree": "BPDA and the exact-gradient attack disagree beyond their 95% "
+                           "intervals (one of the two gradients is wrong)",
+    "above_chance_at_sanity_eps": "accuracy is above chance at an epsilon that can turn every "
+                                  "image into the same gray image: the attack must have failed",
+}
+
+#: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
+BAD_GRAD_FRAC = 0.5
+#: mean pairwise cosine of repeated gradients under which a defense's gradients are "random".
+RANDOM_COSINE = 0.9
+_STEP_KEYS = ("steps", "n_iter", "n_queries")
+
+# -- row predicates -------------------------------------------------------------------------
+
+def _params(r: Any) -> dict[str, Any]:
+    raw = r.get("attack_params")
+    if not isinstance(raw, str) or not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def traits(r: Any) -> AttackTraits:
+    """The row's attack traits, read from its plug-in (:mod:`benchmark.plugins.traits`)."""
+    return attack_traits(str(r.get("attack_name") or ""), _params(r))
+
+
+def is_blackbox(r: Any) -> bool:
+    return traits(r).blackbox
+
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["robust_acc"].notna()]
+
+
+def _exceeds(r: Any, acc: float, upper: float) -> bool:
+    """``r`` is above a reference accuracy: strictly for deterministic rows (same samples,
+    same randomness), beyond the reference's interval for stochastic ones."""
+    limit = upper if bool(r["stochastic"]) else acc
+    return bool(r["robust_acc"] > limit + 1e-12)
+
+
+def _nonmonotone(frame: pd.DataFrame) -> pd.Series:
+    flagged = pd.Series(False, index=frame.index)
+    for _, part in _ok(frame).groupby(["defense", "defense_params", "attack", "threat_model"],
+                                      dropna=False):
+        part = part.sort_values("eps")
+        lowest = float("inf")  # lowest robust accuracy at any smaller epsilon
+        lowest_upper = float("inf")  # lowest upper interval bound at any smaller epsilon
+        for idx, r in part.iterrows():
+            if _exceeds(r, lowest, lowest_upper):
+                flagged[idx] = True
+            lowest = min(lowest, r["robust_acc"])
+            lowest_upper = min(lowest_upper, r["robust_ci_high"])
+    return flagged
+
+
+def _more_steps(frame: pd.DataFrame) -> pd.Series:
+    flagged = pd.Series(False, index=frame.index)
+    ok = _ok(frame)
+    ok = ok[ok["attack"] != WORST]
+    groups: dict[tuple[Any, ...], list[tuple[float, Any]]] = defaultdict(list)
+    for idx, r in ok.iterrows():
+        params = _params(r)
+        steps = next((params[k] for k in _STEP_KEYS if isinstance(params.get(k), int | float)),
+                     r["steps"])
+        if steps is None or pd.isna(steps):
+            continue
+        rest = json.dumps({k: v for k, v in params.items() if k not in _STEP_KEYS},
+                          sort_keys=True)
+        groups[(r["defense"], r["defense_params"], r["threat_model"], r["eps"],
+                r["attack_name"], rest)].append((float(steps), idx))
+    for members in groups.values():
+        members.sort()
+        for i, (steps, idx) in enumerate(members):
+            fewer = [frame.loc[j] for s, j in members[:i] if s < steps]
+            if fewer and _exceeds(frame.loc[idx], min(f["robust_acc"] for f in fewer),
+                                  min(f["robust_ci_high"] for f in fewer)):
+                flagged[idx] = True
+    return flagged
+
+
+def _bpda_disagree(frame: pd.DataFrame) -> pd.Series:
+    """A BPDA row (``gradient = "bpda"``) against the row of the attack it wraps, run with the
+    defense's own gradient, in the same cell."""
+    flagged = pd.Series(False, index=frame.index)
+    ok = _ok(frame)
+    for _, cell in ok.groupby(["defense", "defense_params", "threat_model", "eps"],
+                              dropna=False):
+        for i, b in cell.iterrows():
+            t = traits(b)
+            if t.gradient != "bpda" or t.wraps is None:
+                continue
+            for j, e in cell[cell["attack_name"] == t.wraps].iterrows():
+                if (b["robust_ci_low"] > e["robust_ci_high"]
+                        or e["robust_ci_low"] > b["robust_ci_high"]):
+                    flagged[i] = flagged[j] = True
+    return flagged
+
+
+def _blackbox(frame: pd.DataFrame, ev: FlagEvidence | None) -> pd.Series:
+    flagged = pd.Series(False, index=frame.index)
+    ok = _ok(frame)
+    for _, cell in ok.groupby(["defense", "defense_params", "threat_model", "eps"],
+                              dropna=False):
+        rows = cell[cell["attack"] != WORST]
+        black = [i for i, r in rows.iterrows() if is_blackbox(r)]
+        white = [i for i in rows.index if i not in black]
+        if not black or not white:
+            continue
+        for i in black:
+            b = frame.loc[i]
+            bkey = row_key(b)
+            wkeys = [row_key(frame.loc[j]) for j in white]
+            if ev is not None and bkey in ev.robust and all(w in ev.robust for w in wkeys):
+                bo = ev.robust[bkey]
+                wo = {s: min(ev.robust[w].get(s, 1) for w in wkeys) for s in bo}
+                only_black = sum(1 for s in bo if not bo[s] and wo[s])
+                only_white = sum(1 for s in bo if bo[s] and not wo[s])
+                hit = (only_black > 0 if not bool(b["stochastic"]) else
+                       only_black > only_white and mcnemar_exact(only_black, only_white) < 0.05)
+            else:
+                hit = all(_exceeds(frame.loc[j], b["robust_acc"], b["robust_ci_high"])
+                          for j in white)
+            if hit:
+                flagged[i] = True
+    if ev is not None:  # AutoAttack's own check: Square broke points APGD/FAB left robust
+        for idx, r in ok.iterrows():
+            for extras in ev.extras.get(row_key(r), []):
+                if any("Square Attack has decreased" in str(w)
+                       for w in extras.get("warnings", []) or []):
+                    flagged[idx] = True
+    return flagged
+
+
+def _gradients(frame: pd.DataFrame, ev: FlagEvidence) -> tuple[pd.Series, pd.Series]:
+    bad = pd.Series(False, index=frame.index)
+    random = pd.Series(False, index=frame.index)
+    for idx, r in frame.iterrows():
+        if is_blackbox(r):
+            continue
+        diag = ev.diagnostics.get(str(r["defense"]))
+        fracs = [f for extras in ev.extras.get(row_key(r), [])
+                 for f in _flatten(extras.get("zero_grad_frac"))]
+        if fracs and sum(fracs) / len(fracs) > BAD_GRAD_FRAC:
+            bad[idx] = True
+        if diag is not None:
+            masked = (diag.get("zero_frac", 0) + diag.get("nonfinite_frac", 0)
+                      + diag.get("exploding_frac", 0))
+            if diag.get("detached") or masked > BAD_GRAD_FRAC:
+                bad[idx] = True
+            cosine = diag.get("cosine")
+            eot = r.get("eot_draws")
+            no_eot = eot is None or pd.isna(eot) or int(eot) <= 1
+            if no_eot and _pins_randomness(r):
+                no_eot = False  # a diagnostic that fixes the defense's noise (fixed-noise)
+            if (isinstance(cosine, int | float) and not math.isnan(cosine)
+                    and cosine < RANDOM_COSINE and no_eot):
+                random[idx] = True
+    return bad, random
+
+
+def _pins_randomness(row: Any) -> bool:
+    """Whether the row's attack is a diagnostic (``diagnostic = True``, e.g. ``fixed-noise``,
+    which differentiates one pinned draw of the defense and needs no EOT)."""
+    return traits(row).diagnostic
+
+
+def _flatten(value: Any) -> list[float]:
+    if isinstance(value, list):
+        return [f for v in value for f in _flatten(v)]
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return [float(value)]
+    return []
+
+
+def _above_chance(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
+    flagged = pd.Series(False, index=frame.index)
+    if ev.chance is None:
+        return flagged
+    for idx, r in _ok(frame).iterrows():
+        sanity = ev.sanity_eps.get(str(r["threat_model"]))
+        if sanity is not None and r["eps"] >= sanity - 1e-9 and r["robust_ci_low"] > ev.chance:
+            flagged[idx] = True
+    return flagged
+
+
+def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> pd.Series:
+    """A ``;``-joined string of flag names per row ('' when none fired). Without
+    ``evidence`` only the flags that the rows alone support are computed."""
+    if frame.empty:
+        return pd.Series([], dtype=object)
+    names: dict[Any, list[str]] = {i: [] for i in frame.index}
+    for i, r in frame.iterrows():
+        if (r["n_errors"] or 0) > 0:
+            names[i].append("threat_violation")
+        if isinstance(r["error"], str) and r["error"]:
+            names[i].append("worst_case_incomplete" if r["attack"] == WORST
+                            else "attack_error")
+    checks = {"nonmonotone_eps": _nonmonotone(frame),
+              "more_steps_higher_acc": _more_steps(frame),
+              "bpda_exact_disagree": _bpda_disagree(frame),
+              "blackbox_beats_whitebox": _blackbox(frame, evidence)}
+    if evidence is not None:
+        checks["bad_gradients"], checks["grad_randomness_no_eot"] = _gradients(frame, evidence)
+        checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
+    for name, hits in checks.items():
+        for i, hit in hits.items():
+            if hit:
+                names[i].append(name)
+    return pd.Series({i: ";".join(v) for i, v in names.items()}, dtype=object)
+
+
+def legend() -> list[tuple[str, str]]:
+    """(flag, one-line explanation) for every flag, for README legends."""
+    return list(FLAG_HELP.items())

@@ -1,0 +1,106 @@
+"""The harness: plan a suite, run the pending jobs on an executor, write the store.
+
+Resumption is the default: jobs already in the store are not run again. Tables are not built
+here: :mod:`benchmark.report` derives them from the store (the CLI calls
+:func:`benchmark.report.tables.write_tables` after a run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from benchmark.run.executors import make_executor
+from benchmark.spec.plan import Plan, plan_suite
+from benchmark.spec.suite import Suite
+from benchmark.store import Store
+from benchmark.version import code_version
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    total_jobs: int
+    ran: int
+    resumed: int
+    errors: int
+    wall_s: float
+    skipped: list[dict[str, Any]]
+    #: the plan the run executed (what :func:`benchmark.report.tables.write_tables` needs)
+    plan: Plan
+
+
+def _backup(path: Path) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            shutil.move(str(p), str(p) + f".{stamp}.bak")
+
+
+def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
+              workers: int | None = None, device: str | None = None, limit: int | None = None,
+              fresh: bool = False, retry_errors: bool = False, progress: str = "bar",
+              ray_address: str | None = None,
+              log: Callable[[str], None] | None = None) -> RunSummary:
+    """Run (or resume) a suite into ``out``: ``runs.sqlite`` (the store), the effective
+    ``suite.toml`` and ``plan.json``. Tables are derived afterwards by
+    :func:`benchmark.report.tables.write_tables`."""
+    t0 = time.perf_counter()
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out)
+    ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
+                       num_cpus=suite.num_cpus, num_gpus=suite.num_gpus)
+    plan = plan_suite(suite, limit=limit, cache=ex.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "runs.sqlite"
+    if fresh and db.exists():
+        _backup(db)
+        say(f"--fresh: previous store moved aside to {db}.*.bak")
+    (out / "suite.toml").write_text(suite.text)
+    (out / "plan.json").write_text(json.dumps({
+        "suite": suite.name, "source": suite.source, "suite_sha256": suite.sha256,
+        "subset": plan.subset.id, "subset_hash": plan.subset.short_hash,
+        "limit": limit, "n_samples": len(plan.sample_ids),
+        "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped}, indent=1))
+    version = code_version()
+    with Store(db) as store:
+        store.set_meta("suite", suite.name)
+        finished = {r["key"] for r in store.jobs() if r["status"] == "done" or not retry_errors}
+        todo = [j for j in plan.jobs if j.key not in finished]
+        resumed = len(plan.jobs) - len(todo)
+        if resumed:
+            say(f"resuming: {resumed} of {len(plan.jobs)} jobs already in {db}")
+        for d, a, t, why in dict.fromkeys((s["defense"], s["attack"], s["threat_model"],
+                                          s["reason"]) for s in plan.skipped):
+            say(f"skipped: {d} / {a} / {t}: {why}")
+        errors = 0
+        bar = tqdm(total=len(plan.jobs), initial=resumed, desc=f"genbench {suite.name}",
+                   unit="job", disable=(progress != "bar"), dynamic_ncols=True)
+        try:
+            for i, (job, result) in enumerate(ex.map(todo), start=1):
+                store.write(job, result, version)
+                if result.status != "done":
+                    errors += 1
+                    say(f"error: {job.label()}: {result.error}")
+                bar.update(1)
+                if progress == "plain":
+                    say(f"[{resumed + i}/{len(plan.jobs)}] {job.label()} "
+                        f"{result.status} in {result.wall_s:.1f}s")
+        finally:
+            bar.close()
+    return RunSummary(out, len(plan.jobs), len(todo), resumed, errors,
+                      time.perf_counter() - t0, plan.skipped, plan)
+
+
+def default_progress() -> str:
+    return os.environ.get("GENBENCH_PROGRESS", "bar" if sys.stderr.isatty() else "plain")

@@ -1,0 +1,324 @@
+"""Execute one job: build (or reuse) the defense, attack a shard, re-check, score with K draws.
+
+This is the only code that touches plug-ins at run time, and it is shared by every executor, so
+a job gives the same result wherever it runs. Anything a plug-in raises, and any output of the
+wrong shape or with NaNs, becomes an error result for that job; the run goes on.
+
+Jobs on density defenses (``kind = "density"``) are scored by :func:`execute_density`: log p,
+bits/dim and PNG complexity of every sample before and after the attack, plus the attack's
+objective curve, instead of K-draw correct-counts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from benchmark.api.defense import describe
+from benchmark.plugins.builtin import ATTACKS, DEFENSES, THREAT_MODELS
+from benchmark.plugins.cache import DefenseCache, PluginOutputError
+from benchmark.run.diagnostics import safe_diagnostics
+from benchmark.spec.jobs import CURVE_POINTS, DensityOutcome, JobResult, JobSpec, SampleOutcome
+from benchmark.spec.suite import thaw
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def shard_data(job: JobSpec, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """The job's images and labels (in sample-id order) and the dataset's class count."""
+    from benchmark.data import load_dataset
+
+    ds = load_dataset(job.dataset, **(thaw(job.dataset_params) or {}))
+    split = ds.test
+    index = {int(i): r for r, i in enumerate(split.ids.tolist())}
+    missing = [i for i in job.sample_ids if i not in index]
+    if missing:
+        raise KeyError(f"sample ids {missing[:5]} are not in the {job.dataset} test split")
+    rows = torch.tensor([index[i] for i in job.sample_ids], dtype=torch.long)
+    return split.x[rows].to(device), split.y[rows].to(device), ds.num_classes
+
+
+def check_logits(out: Any, batch: int, num_classes: int, who: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise PluginOutputError(f"{who} returned {type(out).__name__}, expected a logits tensor")
+    if out.shape != (batch, num_classes):
+        raise PluginOutputError(
+            f"{who} returned shape {tuple(out.shape)}, expected logits of shape "
+            f"({batch}, {num_classes})")
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).any(dim=1).sum())
+        raise PluginOutputError(f"{who} returned non-finite logits for {bad} of {batch} samples")
+    return out
+
+
+@torch.no_grad()
+def correct_counts(defense: nn.Module, x: Tensor, y: Tensor, k: int, num_classes: int,
+                   batch_size: int, who: str) -> Tensor:
+    """Correct predictions out of ``k`` independent draws per sample (one batched forward per
+    chunk: the k draws of a sample are stacked along the batch dimension)."""
+    counts = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    per_chunk = max(1, batch_size // k)
+    for start in range(0, len(x), per_chunk):
+        xb, yb = x[start:start + per_chunk], y[start:start + per_chunk]
+        rep = xb.repeat_interleave(k, dim=0)
+        logits = check_logits(defense(rep), len(rep), num_classes, who)
+        hits = (logits.argmax(dim=1) == yb.repeat_interleave(k)).view(len(xb), k)
+        counts[start:start + len(xb)] = hits.sum(dim=1)
+    return counts
+
+
+@torch.no_grad()
+def adversarial_counts(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor, k: int,
+                       num_classes: int, batch_size: int, who: str) -> Tensor:
+    """Correct-counts of adversarial examples: K fresh draws (:func:`correct_counts`), except for
+    a diagnostic attack that pins the defense's noise (``attack.pinned_seed``, the fixed-noise
+    diagnostic of :mod:`attacks.fixed_noise`): it is scored with that same pinned draw, on
+    the same batch the attack saw, and the one outcome counts for all K."""
+    seed = getattr(attack, "pinned_seed", None)
+    if seed is None:
+        return correct_counts(defense, x_adv, y, k, num_classes, batch_size, who)
+    reseed = getattr(defense, "reseed", None)
+    if not callable(reseed):
+        raise PluginOutputError(f"{who} has no reseed(seed); attack {attack!r} pins its noise")
+    reseed(seed)
+    logits = check_logits(defense(x_adv), len(x_adv), num_classes, who)
+    return (logits.argmax(dim=1) == y).long() * k
+
+
+def _jsonable(value: Any) -> Any:
+    """Per-batch attack extras in a JSON-friendly form (tensors become summary numbers)."""
+    if isinstance(value, Tensor):
+        return value.float().mean().item() if value.numel() > 1 else value.item()
+    if isinstance(value, dict | list | tuple | str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def check_logp(out: Any, batch: int, who: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise PluginOutputError(f"{who} returned {type(out).__name__}, expected a log-likelihood "
+                                "tensor")
+    if out.shape != (batch,):
+        raise PluginOutputError(f"{who} returned shape {tuple(out.shape)}, expected per-sample "
+                                f"log-likelihoods of shape ({batch},)")
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise PluginOutputError(f"{who} returned non-finite log-likelihoods for {bad} of "
+                                f"{batch} samples")
+    return out
+
+
+def batched_log_prob(defense: nn.Module, x: Tensor, batch_size: int, who: str) -> Tensor:
+    """The defense's reporting ``log_prob`` (nats, (B,)) in chunks of ``batch_size``.
+
+    Deliberately not under ``torch.no_grad``: a likelihood by the instantaneous
+    change-of-variables formula (the PF-ODE detector) differentiates inside ``log_prob`` to get
+    its divergence; nothing here requires grad, so no graph outlives a chunk."""
+    log_prob = getattr(defense, "log_prob", defense)
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        parts.append(check_logp(log_prob(xb), len(xb), who).detach().double())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+
+
+def _to_bpd(defense: nn.Module, logp: Tensor) -> Tensor:
+    return defense.logp_to_bpd(logp)  # type: ignore[operator]
+
+
+def curve_steps(n_points: int, *, keep: int = CURVE_POINTS) -> np.ndarray:
+    """Indices of at most ``keep`` evenly spaced points of a curve of ``n_points`` (first and
+    last included)."""
+    if n_points <= keep:
+        return np.arange(n_points)
+    return np.unique(np.linspace(0, n_points - 1, keep).round().astype(np.int64))
+
+
+def _complexity(x: Tensor) -> Tensor:
+    from benchmark.complexity import png_complexity
+
+    return png_complexity(x.clamp(0, 1)).double()
+
+
+def execute_density(job: JobSpec, defense: nn.Module, x: Tensor, y: Tensor,
+                    dev: torch.device) -> dict[str, Any]:
+    """Score one job on a density defense; the pieces of its :class:`JobResult`."""
+    who = f"defense {job.defense.id!r}"
+    extras: dict[str, Any] = {"kind": "density"}
+    if job.is_clean:
+        logp = batched_log_prob(defense, x, job.batch_size, who)
+        bpd, cx = _to_bpd(defense, logp), _complexity(x)
+        density = [DensityOutcome(int(s), float(lp), float(b), float(c))
+                   for s, lp, b, c in zip(job.sample_ids, logp.tolist(), bpd.tolist(),
+                                          cx.tolist(), strict=True)]
+        outcomes = [SampleOutcome(int(s), 0) for s in job.sample_ids]
+        # the bits/dim convention as an affine map of log p, for thresholds computed later
+        ends = _to_bpd(defense, torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device))
+        extras["bpd_affine"] = [float(ends[0]), float(ends[1] - ends[0])]
+        return dict(outcomes=outcomes, density=density, extras=extras, grad_evals=0,
+                    x_adv=None, budget={})
+    assert job.attack is not None and job.threat is not None and job.eps is not None
+    threat = THREAT_MODELS.get(job.threat)(job.eps)
+    attack = ATTACKS.get(job.attack.name)(**job.attack.kwargs())
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(job.run_seed + 1)
+    outcomes, density, advs = [], [], []
+    curves: list[Tensor] = []
+    grad_evals = 0
+    direction = getattr(attack, "direction", None)
+    aname = f"attack {job.attack.id!r}"
+    for start in range(0, len(x), job.batch_size):
+        xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
+        ids = job.sample_ids[start:start + job.batch_size]
+        result = attack.run(defense, xb, yb, threat, generator=generator)
+        grad_evals += int(getattr(result, "grad_evals", 0))
+        x_adv = result.x_adv.detach() if isinstance(result.x_adv, Tensor) else result.x_adv
+        if not isinstance(x_adv, Tensor) or x_adv.shape != xb.shape:
+            raise PluginOutputError(f"{aname} returned x_adv of shape "
+                                    f"{tuple(getattr(x_adv, 'shape', ()))}, expected "
+                                    f"{tuple(xb.shape)}")
+        x_start = result.extras.get("x_start", xb)
+        if not isinstance(x_start, Tensor) or x_start.shape != xb.shape:
+            raise PluginOutputError(f"{aname} returned extras['x_start'] of shape "
+                                    f"{tuple(getattr(x_start, 'shape', ()))}, expected "
+                                    f"{tuple(xb.shape)}")
+        x_start = x_start.detach()
+        direction = result.extras.get("direction", direction)
+        if direction not in ("lower", "raise"):
+            raise PluginOutputError(f"{aname} declares direction {direction!r}, expected "
+                                    "'lower' (in-distribution) or 'raise' (out-of-distribution)")
+        params = result.params.detach() if result.params is not None else None
+        # the threat model is checked against the attack's start (a generated point for
+        # out-of-distribution attacks), which is also what "before" scores
+        viol = threat.violations(x_start, x_adv, params)
+        dist = threat.distance(x_start, x_adv, params)
+        bad = viol.mask.view(-1, *[1] * (xb.dim() - 1))
+        safe = torch.nan_to_num(torch.where(bad, x_start, x_adv)).clamp(0, 1)
+        lp0 = batched_log_prob(defense, x_start, job.batch_size, who)
+        lp1 = batched_log_prob(defense, safe, job.batch_size, who)
+        b0, b1 = _to_bpd(defense, lp0), _to_bpd(defense, lp1)
+        c0, c1 = _complexity(x_start), _complexity(safe)
+        curve = result.extras.get("curve")
+        if curve is not None:
+            if not isinstance(curve, Tensor) or curve.dim() != 2 or curve.shape[1] != len(xb):
+                raise PluginOutputError(f"{aname} returned extras['curve'] of shape "
+                                        f"{tuple(getattr(curve, 'shape', ()))}, expected "
+                                        f"(steps + 1, {len(xb)})")
+            curves.append(curve.detach().double().cpu())
+        for i, (sid, why, d) in enumerate(zip(ids, viol.per_sample, dist.tolist(), strict=True)):
+            outcomes.append(SampleOutcome(int(sid), 0, d, why))
+            nan = float("nan")
+            density.append(DensityOutcome(
+                int(sid), float(lp0[i]), float(b0[i]), float(c0[i]),
+                nan if why else float(lp1[i]), nan if why else float(b1[i]),
+                nan if why else float(c1[i])))
+        advs.append(x_adv.float().cpu().numpy())
+    extras.update(direction=direction, start=getattr(attack, "start", None))
+    if curves and len({c.shape[0] for c in curves}) == 1:
+        full = torch.cat(curves, dim=1)  # (steps + 1, n)
+        steps = curve_steps(full.shape[0])
+        extras.update(curve_steps=steps.tolist(), curve_mean=full.mean(dim=1).tolist())
+        for j, d in enumerate(density):
+            d.curve = full[steps, j].tolist()
+    elif curves:
+        raise PluginOutputError(f"{aname} returned curves of different lengths across batches")
+    budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
+    return dict(outcomes=outcomes, density=density, extras=extras, grad_evals=grad_evals,
+                x_adv=np.concatenate(advs) if advs else None, budget=budget)
+
+
+def execute(job: JobSpec, device: str | None = None,
+            cache: DefenseCache | None = None) -> JobResult:
+    """Run one job; never raises for plug-in failures (they become an error result)."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    versions: dict[str, str] = {}
+    try:
+        versions["defense"] = str(DEFENSES.provenance(job.defense.name))
+        defense = job.build_defense(cache if cache is not None else DefenseCache(), dev)
+        kind, stochastic, nfe = describe(defense)
+        k = job.k_draws if stochastic else 1
+        reseed = getattr(defense, "reseed", None)
+        if callable(reseed):
+            reseed(job.run_seed)
+        x, y, num_classes = shard_data(job, dev)
+        if kind == "density":
+            if job.attack is not None:
+                versions["attack"] = str(ATTACKS.provenance(job.attack.name))
+                versions["threat_model"] = str(THREAT_MODELS.provenance(str(job.threat)))
+            parts = execute_density(job, defense, x, y, dev)
+            # one reported log p per sample: K-draw voting is a classifier protocol
+            return JobResult(key=job.key, status="done", k=1, wall_s=time.perf_counter() - t0,
+                             nfe_per_pred=float(nfe), stochastic=stochastic,
+                             plugin_versions=versions, **parts)
+        who = f"defense {job.defense.id!r}"
+        budget: dict[str, Any] = {}
+        extras: dict[str, list[Any]] = {}
+        grad_evals = 0
+        x_adv_np: np.ndarray | None = None
+        if job.is_clean:
+            counts = correct_counts(defense, x, y, k, num_classes, job.batch_size, who)
+            outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
+                                                                    counts.tolist(), strict=True)]
+            if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
+                extras["grad_diagnostics"] = [safe_diagnostics(defense, x, y)]
+        else:
+            assert job.attack is not None and job.threat is not None and job.eps is not None
+            versions["attack"] = str(ATTACKS.provenance(job.attack.name))
+            versions["threat_model"] = str(THREAT_MODELS.provenance(job.threat))
+            with torch.no_grad():  # a malformed defense fails here, with a clear message
+                check_logits(defense(x[:2]), len(x[:2]), num_classes, who)
+            threat = THREAT_MODELS.get(job.threat)(job.eps)
+            attack = ATTACKS.get(job.attack.name)(**job.attack.kwargs())
+            generator = torch.Generator(device=dev)
+            generator.manual_seed(job.run_seed + 1)
+            outcomes = []
+            advs = []
+            for start in range(0, len(x), job.batch_size):
+                xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
+                ids = job.sample_ids[start:start + job.batch_size]
+                result = attack.run(defense, xb, yb, threat, generator=generator)
+                grad_evals += int(getattr(result, "grad_evals", 0))
+                x_adv = result.x_adv.detach()
+                if not isinstance(x_adv, Tensor) or x_adv.shape != xb.shape:
+                    raise PluginOutputError(
+                        f"attack {job.attack.id!r} returned x_adv of shape "
+                        f"{tuple(getattr(x_adv, 'shape', ()))}, expected {tuple(xb.shape)}")
+                params = result.params.detach() if result.params is not None else None
+                viol = threat.violations(xb, x_adv, params)
+                dist = threat.distance(xb, x_adv, params)
+                safe = torch.where(viol.mask.view(-1, *[1] * (xb.dim() - 1)), xb, x_adv)
+                safe = torch.nan_to_num(safe)
+                counts = adversarial_counts(defense, attack, safe, yb, k, num_classes,
+                                            job.batch_size, who)
+                for sid, c, why, d in zip(ids, counts.tolist(), viol.per_sample,
+                                          dist.tolist(), strict=True):
+                    outcomes.append(SampleOutcome(int(sid), 0 if why else int(c), d, why))
+                for key, value in result.extras.items():
+                    extras.setdefault(key, []).append(_jsonable(value))
+                advs.append(x_adv.float().cpu().numpy())
+            x_adv_np = np.concatenate(advs) if advs else None
+            # read after running: some attacks resolve their budget per defense (AutoAttack
+            # "auto" picks standard or rand)
+            budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
+        return JobResult(
+            key=job.key, status="done", outcomes=outcomes, k=k,
+            wall_s=time.perf_counter() - t0, grad_evals=grad_evals,
+            nfe_per_pred=float(nfe * k), stochastic=stochastic, budget=budget,
+            plugin_versions=versions, x_adv=x_adv_np, extras=extras,
+        )
+    except Exception as exc:  # a failing plug-in is an error row; the run goes on
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+        return JobResult(key=job.key, status="error", outcomes=[], k=job.k_draws,
+                         wall_s=time.perf_counter() - t0,
+                         error=f"{type(exc).__name__}: {exc}{where}", plugin_versions=versions)

@@ -1,0 +1,134 @@
+"""Jobs: the unit of work, resumption and distribution.
+
+A job is (defense spec, attack spec or clean, threat spec, shard of sample ids) plus everything
+that determines its outcome (seed, K, batch size). It is a frozen dataclass and its key is the
+sha256 of its canonical JSON, so a resumed run recognises finished work and a changed budget
+is new work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmark.plugins.cache import DefenseCache
+from benchmark.spec.suite import PluginSpec, canonical_json, thaw
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    suite: str
+    dataset: str
+    dataset_params: tuple[tuple[str, Any], ...]
+    subset_id: str
+    subset_hash: str
+    defense: PluginSpec
+    defense_params: tuple[tuple[str, Any], ...]
+    attack: PluginSpec | None
+    threat: str | None
+    eps: float | None
+    sample_ids: tuple[int, ...]
+    seed: int
+    k_draws: int
+    batch_size: int
+    shard: int = 0
+
+    @property
+    def is_clean(self) -> bool:
+        return self.attack is None
+
+    @property
+    def attack_id(self) -> str:
+        return CLEAN if self.attack is None else self.attack.id
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["defense_params"] = thaw(self.defense_params) or {}
+        d["dataset_params"] = thaw(self.dataset_params) or {}
+        d["defense"] = self.defense.to_json()
+        d["attack"] = None if self.attack is None else self.attack.to_json()
+        d["sample_ids"] = list(self.sample_ids)
+        return d
+
+    @cached_property
+    def key(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_json()).encode()).hexdigest()
+
+    @property
+    def run_seed(self) -> int:
+        """The seed of this job's randomness, derived from the suite seed and the job's key."""
+        digest = hashlib.sha256(f"{self.seed}:{self.key}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def build_defense(self, cache: DefenseCache, device: torch.device) -> nn.Module:
+        """This job's defense, from ``cache`` (built on first use)."""
+        return cache.get(self.defense.name, thaw(self.defense_params) or {}, device,
+                         key=self.defense_params)
+
+    def label(self) -> str:
+        where = "" if self.threat is None else f" {self.threat} eps={self.eps:g}"
+        return f"{self.defense.id} / {self.attack_id}{where} [shard {self.shard}]"
+
+
+@dataclass
+class SampleOutcome:
+    sample_id: int
+    correct: int  # correct draws out of k (0 for a sample whose result was invalid)
+    distance: float = float("nan")
+    error: str | None = None
+
+
+@dataclass
+class DensityOutcome:
+    """Per-sample numbers of a job on a density defense (``kind = "density"``).
+
+    A clean job fills only the ``*_before`` fields (the test image itself). An attack job
+    fills "before" for the attack's start (``extras["x_start"]``: the test image, or the point
+    the attack drew from its generator) and "after" for its adversarial example; "after" is NaN
+    for a sample whose example broke the threat model (that sample is an error outcome). Log p
+    in nats (the defense's reporting ``log_prob``), bits/dim by the defense's ``logp_to_bpd``,
+    complexity by :func:`benchmark.complexity.png_complexity`. ``curve`` is the sample's attack
+    objective at the steps listed in the job's ``extras["curve_steps"]`` (at most
+    :data:`CURVE_POINTS` points).
+    """
+
+    sample_id: int
+    logp_before: float
+    bpd_before: float
+    complexity_before: float
+    logp_after: float = float("nan")
+    bpd_after: float = float("nan")
+    complexity_after: float = float("nan")
+    curve: list[float] | None = None
+
+
+#: most points of a per-sample attack curve kept in the store (the per-job mean keeps all).
+CURVE_POINTS = 50
+
+
+@dataclass
+class JobResult:
+    key: str
+    status: str  # "done" or "error"
+    outcomes: list[SampleOutcome]
+    k: int
+    wall_s: float
+    error: str | None = None
+    grad_evals: int = 0
+    nfe_per_pred: float = float("nan")
+    stochastic: bool = False
+    budget: dict[str, Any] = field(default_factory=dict)
+    plugin_versions: dict[str, str] = field(default_factory=dict)
+    #: adversarial examples (float32, aligned with outcomes), kept for bundles and re-scoring.
+    x_adv: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    #: per-sample density numbers (density defenses only; aligned with outcomes).
+    density: list[DensityOutcome] | None = None

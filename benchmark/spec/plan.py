@@ -1,0 +1,116 @@
+"""The plan: a suite expanded into jobs.
+
+Expansion runs every compatible (defense, attack, threat model, epsilon) combination of a suite
+on shards of its evaluation subset, plus one clean job per defense configuration and shard;
+incompatible combinations are listed as skipped, with the reason.
+
+Density defenses (``kind = "density"``) are planned the same way: a clean job per shard (log p
+of every test image, from which the leaderboard takes the 95%-acceptance threshold) and a job
+per compatible density attack, threat model, epsilon and shard. Classification attacks require
+``kind:classifier`` and density attacks ``kind:density``, so each is skipped, with the reason,
+on the other kind. Job keys do not depend on the defense's kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmark.api.defense import describe
+from benchmark.data import load_dataset
+from benchmark.data.subsets import EvalSubset, get_subset
+from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
+from benchmark.plugins.cache import DefenseCache
+from benchmark.spec.jobs import JobSpec
+from benchmark.spec.suite import Suite, freeze, thaw
+
+
+@dataclass
+class Plan:
+    suite: Suite
+    subset: EvalSubset
+    sample_ids: tuple[int, ...]
+    jobs: list[JobSpec]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: defense id -> kind ("classifier" or "density").
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: attack id -> {"direction": "lower" | "raise" | None, "start": "test" | "generated" | None}
+    #: (class attributes of density attacks, for rows of jobs that errored).
+    attack_info: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+
+def plan_suite(suite: Suite, *, limit: int | None = None,
+               cache: DefenseCache | None = None) -> Plan:
+    """Expand a suite into jobs. Raises on bad input (unknown names, bad budgets) before
+    anything runs. Defenses are built (on the CPU) to read their kind and capabilities;
+    pass the executor's ``cache`` to build each one once per run."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    ds = load_dataset(suite.dataset, **(thaw(suite.dataset_params) or {}))
+    subset = get_subset(suite.dataset, suite.subset)
+    ids = tuple(subset.ids[:limit] if limit else subset.ids)
+    cpu = torch.device("cpu")
+    cache = cache if cache is not None else DefenseCache()
+    common = dict(suite=suite.name, dataset=suite.dataset, dataset_params=suite.dataset_params,
+                  subset_id=subset.id, subset_hash=subset.short_hash, seed=suite.seed,
+                  k_draws=suite.k_draws, batch_size=suite.batch_size)
+    for t in suite.threat_models:
+        THREAT_MODELS.get(t.name)  # unknown names fail here, with suggestions
+    attacks = []
+    for a in suite.attacks:
+        cls = ATTACKS.get(a.name)
+        try:
+            attacks.append((a, cls(**a.kwargs())))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"attack {a.id!r} ({a.name}): bad parameters "
+                             f"{a.kwargs()}: {exc}") from exc
+    jobs: list[JobSpec] = []
+    skipped: list[dict[str, Any]] = []
+    kinds: dict[str, str] = {}
+    info = {a.id: {"direction": getattr(attack, "direction", None),
+                   "start": getattr(attack, "start", None)} for a, attack in attacks}
+    for d in suite.defenses:
+        mine = ids[:d.limit] if d.limit else ids  # a defense's `limit`: its first samples only
+        shards = [mine[i:i + suite.shard_size] for i in range(0, len(mine), suite.shard_size)]
+        clean_done: set[tuple[Any, ...]] = set()
+        for t in suite.threat_models:
+            params = freeze(d.kwargs(t.name))
+            probe = JobSpec(defense=d, defense_params=params, attack=None, threat=None, eps=None,
+                            sample_ids=(), **common)  # type: ignore[arg-type]
+            defense = probe.build_defense(cache, cpu)
+            kind, _, _ = describe(defense)
+            kinds[d.id] = kind
+            if kind not in ("classifier", "density"):
+                skipped.append(dict(defense=d.id, attack="*", threat_model=t.name, eps=None,
+                                    reason=f"defense kind {kind!r} is not scored (expected "
+                                           "'classifier' or 'density')"))
+                continue
+            if params not in clean_done:
+                clean_done.add(params)
+                jobs += [JobSpec(defense=d, defense_params=params, attack=None, threat=None,
+                                 eps=None, sample_ids=s, shard=i, **common)  # type: ignore[arg-type]
+                         for i, s in enumerate(shards)]
+            for a, attack in attacks:
+                for eps in t.eps:
+                    reason: str | None
+                    if a.threat_models is not None and t.name not in a.threat_models:
+                        reason = f"suite restricts {a.id} to {list(a.threat_models)}"
+                    elif a.eps is not None and eps not in a.eps:
+                        reason = f"suite restricts {a.id} to eps {list(a.eps)}"
+                    elif a.paired_with is not None and d.id not in a.paired_with:
+                        reason = f"suite restricts {a.id} to defenses {list(a.paired_with)}"
+                    elif d.paired_with is not None and a.id not in d.paired_with:
+                        reason = f"suite restricts {d.id} to attacks {list(d.paired_with)}"
+                    else:
+                        reason = attack.incompatibility(defense, THREAT_MODELS.get(t.name)(eps))
+                    if reason:
+                        skipped.append(dict(defense=d.id, attack=a.id, threat_model=t.name,
+                                            eps=eps, reason=reason))
+                        continue
+                    jobs += [JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
+                                     eps=eps, sample_ids=s, shard=i, **common)  # type: ignore[arg-type]
+                             for i, s in enumerate(shards)]
+    del ds
+    return Plan(suite, subset, ids, jobs, skipped, kinds, info)
