@@ -43,6 +43,7 @@ bench-save: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check benchmark defenses attacks threat_models tests
 	$(BIN)/mypy benchmark defenses attacks threat_models
+	$(BIN)/mypy --strict benchmark/api benchmark/plugins
 
 clean:
 	rm -rf $(VENV) results/quick results/digits .pytest_cache

@@ -21,7 +21,6 @@ stochastic defenses: the harness re-scores every returned example with K draws.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import logging
 import sys
@@ -31,9 +30,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int
+from attacks._ascent import check_bool, check_choice, check_positive_int
 from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget, Forward
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import did_you_mean, register_attack
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("auto", "standard", "plus", "rand", "custom")
@@ -131,6 +131,7 @@ def _library_output(verbose: bool) -> Iterator[list[str]]:
         sys.settrace(saved[2])
 
 
+@register_attack("autoattack")
 class AutoAttack(Attack):
     """AutoAttack of record (``pyautoattack``), l-inf and l2; see the module docstring.
 
@@ -153,8 +154,7 @@ class AutoAttack(Attack):
     def __init__(self, *, version: str = "auto", attacks: list[str] | None = None,
                  n_iter: int = 100, n_queries: int = 5000, batch_size: int = 500,
                  verbose: bool = False) -> None:
-        if version not in VERSIONS:
-            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, got {version!r}")
+        check_choice(version, "version", VERSIONS)
         if attacks is not None:
             if version not in ("auto", "custom"):
                 raise ValueError(f"attacks={attacks!r} runs version 'custom', not {version!r}")
@@ -162,8 +162,7 @@ class AutoAttack(Attack):
                 raise ValueError(f"attacks must be a non-empty list of names, got {attacks!r}")
             for a in attacks:
                 if a not in AA_ATTACKS:
-                    hint = difflib.get_close_matches(str(a), AA_ATTACKS, n=1)
-                    tip = f"; did you mean {hint[0]!r}?" if hint else ""
+                    tip = did_you_mean(str(a), AA_ATTACKS, n=1, cutoff=0.6)
                     raise ValueError(f"unknown AutoAttack attack {a!r}{tip} "
                                      f"(known: {', '.join(AA_ATTACKS)})")
             version = "custom"
@@ -175,9 +174,7 @@ class AutoAttack(Attack):
         self.n_iter = check_positive_int(n_iter, "n_iter")
         self.n_queries = check_positive_int(n_queries, "n_queries")
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        if not isinstance(verbose, bool):
-            raise ValueError(f"verbose must be True or False, got {verbose!r}")
-        self.verbose = verbose
+        self.verbose = check_bool(verbose, "verbose")
         self._resolved: str | None = None
 
     def resolve_version(self, defense: nn.Module) -> str:

@@ -22,6 +22,7 @@ from attacks.eot import WrappedAttack
 from benchmark.api.attack import AttackResult, Forward
 from benchmark.api.defense import has_capability
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 
 def bpda_forward(defense: nn.Module) -> Forward:
@@ -39,6 +40,7 @@ def bpda_forward(defense: nn.Module) -> Forward:
     return forward
 
 
+@register_attack("bpda")
 class BPDA(WrappedAttack):
     """Runs an inner attack against the BPDA view of a defense with a purification stage."""
 

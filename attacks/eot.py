@@ -20,16 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attacks._ascent import check_positive_int
 from attacks.losses import Loss
 from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget, Forward
 from benchmark.api.threat import ThreatModel
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """``value`` as an int >= 1, or a ValueError naming the bad value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+from benchmark.plugins import register_attack
 
 
 def accepts(cls: Callable[..., Any], param: str) -> bool:
@@ -97,6 +92,7 @@ class WrappedAttack(Attack):
         return self._inner.budget
 
 
+@register_attack("eot")
 class EOT(WrappedAttack):
     """Any gradient attack with an ``eot_draws`` parameter, run with ``draws`` draws per step.
 

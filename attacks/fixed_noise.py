@@ -15,9 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attacks._ascent import check_int
 from attacks.eot import WrappedAttack
 from benchmark.api.attack import AttackResult, Forward
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 
 def pinned(defense: nn.Module, seed: int) -> Forward:
@@ -35,6 +37,7 @@ def pinned(defense: nn.Module, seed: int) -> Forward:
     return forward
 
 
+@register_attack("fixed-noise")
 class FixedNoise(WrappedAttack):
     """Diagnostic: an inner attack (any attack with a ``forward`` hook, default ``pgd``) against
     the defense with its noise pinned to ``seed``; see the module docstring.
@@ -47,8 +50,7 @@ class FixedNoise(WrappedAttack):
     requires: ClassVar[frozenset[str]] = frozenset({"kind:classifier", "stochastic"})
 
     def __init__(self, *, attack: str = "pgd", seed: int = 0, **inner_params: Any) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_int(seed, "seed", low=0)
         if "forward" in inner_params:
             raise TypeError("fixed-noise sets the inner attack's forward hook itself; "
                             "do not pass one")

@@ -1,5 +1,6 @@
-"""Pope, Balaji & Feizi (AISTATS 2020; seed ``003_...``): PGD likelihood attacks on density
-models, and the closed-form robustness/accuracy trade-off of linear adversarial training.
+"""Pope, Balaji & Feizi, "Adversarial Robustness of Flow-Based Generative Models" (AISTATS 2020):
+PGD likelihood attacks on density models, and the closed-form robustness/accuracy trade-off of
+linear adversarial training.
 
 **Attacks (section 4).** PGD with the log-likelihood in place of the classification loss:
 
@@ -35,9 +36,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int
+from attacks._ascent import (
+    Curve,
+    KeepBest,
+    ascend,
+    check_bool,
+    check_int,
+    check_positive_int,
+    check_real,
+    threat_update,
+)
 from benchmark.api.attack import Attack, AttackResult, Budget
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 if TYPE_CHECKING:
     from benchmark.api.density import DensityDefense
@@ -53,10 +64,6 @@ __all__ = [
 
 #: the zoo's evaluation attack iterations (the paper trains with m = 10, table 3 uses 10-50).
 DEFAULT_STEPS = 20
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class FlowPGD(Attack):
@@ -83,14 +90,9 @@ class FlowPGD(Attack):
     def __init__(self, *, steps: int = DEFAULT_STEPS, step_size: float | None = None,
                  random_start: bool = True, record_every: int = 1) -> None:
         self.steps = check_positive_int(steps, "steps")
-        if step_size is not None and (
-                isinstance(step_size, bool) or not isinstance(step_size, int | float)
-                or not math.isfinite(step_size) or step_size <= 0):
-            raise ValueError(f"step_size must be a finite number > 0 or None, got {step_size!r}")
-        self.step_size = None if step_size is None else float(step_size)
-        if not isinstance(random_start, bool):
-            raise ValueError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
+        self.step_size = check_real(step_size, "step_size", low=0.0, low_open=True,
+                                    none_ok=True)
+        self.random_start = check_bool(random_start, "random_start")
         self.record_every = check_positive_int(record_every, "record_every")
 
     @property
@@ -120,38 +122,22 @@ class FlowPGD(Attack):
         step = self.step_size if self.step_size is not None else threat.default_step(self.steps)
         x_start = self._start(x.detach(), generator)
 
-        def objective(p: Tensor) -> Tensor:
-            return sign * density.attack_log_prob(threat.apply(x_start, p)) / d
+        def objective(p: Tensor) -> tuple[Tensor, None]:
+            return sign * density.attack_log_prob(threat.apply(x_start, p)) / d, None
 
         p = threat.init(x_start, generator, random=self.random_start)
-        best_p = p.detach().clone()
-        best = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-        rows: list[Tensor] = []
-        at: list[int] = []
-        for i in range(self.steps + 1):
-            p = p.detach().requires_grad_(i < self.steps)
-            with torch.set_grad_enabled(i < self.steps):
-                value = objective(p)
-                grad = torch.autograd.grad(value.sum(), p)[0] if i < self.steps else None
-            v = value.detach().to(torch.float64)
-            better = torch.isfinite(v) & (v > best)
-            best_p = torch.where(_bcast(better, p), p.detach(), best_p)
-            best = torch.where(better, v, best)
-            if i % self.record_every == 0 or i == self.steps:
-                rows.append(value.detach().float().cpu())
-                at.append(i)
-            if grad is None:
-                break
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            with torch.no_grad():
-                p = threat.project(x_start, p.detach() + step * threat.ascent(grad))
+        best = KeepBest(p)  # float64 scores; non-finite values never win
+        curve = Curve(self.steps, self.record_every)
+        ascend(objective, p, threat_update(threat, x_start, step), steps=self.steps, best=best,
+               observe=curve)
+        best_p = best.params
         with torch.no_grad():
             x_adv = threat.apply(x_start, best_p)
         extras: dict[str, Any] = {
             "x_start": x_start,
-            "curve": torch.stack(rows),
-            "curve_steps": at,
-            "best_objective": best.float().cpu(),
+            "curve": curve.stack(),
+            "curve_steps": curve.steps_at,
+            "best_objective": best.score.float().cpu(),
             "direction": self.direction,
             "objective": self.objective_name,
             "step_size": step,
@@ -160,6 +146,7 @@ class FlowPGD(Attack):
                             extras=extras)
 
 
+@register_attack("flow-pgd-in")
 class FlowPGDIn(FlowPGD):
     """In-distribution attack: lower the likelihood of test images (Pope et al. section 4;
     GLOW/CIFAR-10 clean model: 3.4 -> 320 bits/dim at l-inf 4/255, table 1)."""
@@ -169,6 +156,7 @@ class FlowPGDIn(FlowPGD):
     start: ClassVar[str] = "test"
 
 
+@register_attack("flow-pgd-ood")
 class FlowPGDOOD(FlowPGD):
     """Out-of-distribution attack: raise the likelihood of uniform noise U[0, 1]^D drawn from
     the generator (one image per input; the inputs only give the shape). Pope et al. figure 4:
@@ -192,13 +180,8 @@ def _chi_mean(n: int) -> float:
 
 def _check_tradeoff_args(n: int, eps: float, sigma: float) -> None:
     check_positive_int(n, "n")
-    for value, name in ((eps, "eps"), (sigma, "sigma")):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                math.isfinite(value) and value > (0 if name == "sigma" else -1e-300)):
-            raise ValueError(f"{name} must be a finite number "
-                             f"{'> 0' if name == 'sigma' else '>= 0'}, got {value!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_real(eps, "eps", low=0.0)
+    check_real(sigma, "sigma", low=0.0, low_open=True)
 
 
 def adversarial_training_alpha(n: int, eps: float, *, sigma: float = 1.0) -> float:
@@ -257,8 +240,7 @@ def simulate_adversarial_training(n: int, eps: float, m: int, *, samples: int = 
 
     _check_tradeoff_args(n, eps, sigma)
     check_positive_int(samples, "samples")
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"m must be an integer >= 0, got {m!r}")
+    check_int(m, "m", low=0)
     f64 = torch.float64
     mu = torch.randn(n, dtype=f64, generator=generator)
 

@@ -1,6 +1,6 @@
-"""Lagrange attack on RDC (seed 002, eq. 10): maximize the classification loss while keeping
-the unconditional diffusion loss low, so that likelihood maximization leaves the adversarial
-example where it is:
+"""Lagrange attack on RDC (Chen et al., ICML 2024, eq. 10): maximize the classification loss
+while keeping the unconditional diffusion loss low, so that likelihood maximization leaves the
+adversarial example where it is:
 
     maximize  CE(f(x), y) - l * L_uncond(x),   l in {0, 1, 10},
 
@@ -29,9 +29,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attacks._ascent import check_choice, check_real
 from attacks.pgd import PGD
 from benchmark.api.attack import Attack, AttackResult, Budget
+from benchmark.api.defense import has_capability
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 
 class _Penalized(PGD):
@@ -53,21 +56,21 @@ THROUGH = ("head", "defense")
 
 def _head_forward(defense: nn.Module) -> Any:
     """The paper's eq. 10 classifier: the defense's ``head`` on the input (no purification)."""
-    return getattr(defense, "head", defense)
+    return defense.head if has_capability(defense, "head") else defense
 
 
+@register_attack("lagrange")
 class Lagrange(Attack):
     name: ClassVar[str] = "lagrange"
     requires = frozenset({"kind:classifier", "likelihood_objective"})
 
     def __init__(self, *, weights: Sequence[float] = (0.0, 1.0, 10.0), through: str = "head",
                  **pgd: Any) -> None:
-        ws = [float(w) for w in weights]
-        if not ws or any(w < 0 for w in ws):
+        if isinstance(weights, str) or not isinstance(weights, Sequence) or not weights:
             raise ValueError(f"weights must be a non-empty list of numbers >= 0, got {weights!r}")
-        if through not in THROUGH:
-            raise ValueError(f"through must be one of {list(THROUGH)} (the classifier term of "
-                             f"eq. 10), got {through!r}")
+        ws = [check_real(w, "weights", low=0.0, expected="finite numbers >= 0 (Lagrange "
+                         "weights)") for w in weights]
+        check_choice(through, "through", THROUGH, note="the classifier term of eq. 10")
         if through == "head" and "forward" in pgd:
             raise TypeError("through='head' sets the forward itself; pass through='defense' "
                             "to use your own forward hook")

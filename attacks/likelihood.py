@@ -1,6 +1,8 @@
-"""The six log-likelihood maximization attacks on density defenses (seed 000, section 3).
+"""The six log-likelihood maximization attacks on density defenses (Arvinte, Cornelius, Martin &
+Himayat, "Investigating the Adversarial Robustness of Density Estimation Using the Probability
+Flow ODE", arXiv 2310.07084, 2023, section 3; docs/design.md section 5.4).
 
-"Adversarial attacks on log p^ODE" (PF-ODE density robustness, seed ``000_...``) probes a density
+"Adversarial attacks on log p^ODE" (the paper's section 3) probes a density
 model by solving ``argmax_delta log p(x + delta) s.t. delta in S`` (their eq. 8) with Adam,
 clipping after every step. Six attacks differ in the start ``x``, the set ``S`` and the
 objective:
@@ -53,17 +55,24 @@ themselves and recording it in their config.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int
+from attacks._ascent import (
+    Curve,
+    KeepBest,
+    ascend,
+    check_positive_int,
+    check_real,
+    optimizer_update,
+)
 from benchmark.api.attack import Attack, AttackResult, Budget
 from benchmark.api.threat import ThreatModel
 from benchmark.complexity import dct2
+from benchmark.plugins import register_attack
 
 if TYPE_CHECKING:
     from benchmark.api.density import DensityDefense
@@ -92,22 +101,6 @@ REGION_EPS = 0.16 / 2
 START_STD = 0.2 / 2
 
 
-def _check_real(value: object, name: str, *, low: float, high: float = math.inf,
-                low_open: bool = True, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a real number ({expected}), got {value!r} "
-                        f"({type(value).__name__})")
-    v = float(value)
-    below = v <= low if low_open else v < low
-    if not math.isfinite(v) or below or v > high:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return v
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 # --------------------------------------------------------------------------------------------
 # The differentiable complexity proxy (high-complexity attack)
 # --------------------------------------------------------------------------------------------
@@ -131,7 +124,8 @@ def dct_highfreq_norm(x01: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 class _Ascent:
     """Adam ascent on a per-sample objective with a projection after every step, the best
-    iterate per sample and a recorded curve."""
+    iterate per sample and a recorded curve: the paper's optimizer on the attacks' shared loop
+    (:func:`attacks._ascent.ascend`)."""
 
     def __init__(self, *, steps: int, lr: float, record_every: int) -> None:
         self.steps, self.lr, self.record_every = steps, lr, record_every
@@ -141,43 +135,19 @@ class _Ascent:
         """Returns (best parameter, its objective, curve (R, B), curve steps)."""
         p = project(p0.detach().clone()).requires_grad_(True)
         opt = torch.optim.Adam([p], lr=self.lr)
-        b = p.shape[0]
-        best_p = p.detach().clone()
-        best = torch.full((b,), -math.inf, dtype=torch.float64, device=p.device)
-        rows: list[Tensor] = []
-        at: list[int] = []
-
-        def keep(value: Tensor, step: int) -> None:
-            nonlocal best_p, best
-            v = value.detach().to(torch.float64)
-            better = torch.isfinite(v) & (v > best)
-            best_p = torch.where(_bcast(better, p), p.detach(), best_p)
-            best = torch.where(better, v, best)
-            if step % self.record_every == 0 or step == self.steps:
-                rows.append(value.detach().float().cpu())
-                at.append(step)
-
-        for step in range(self.steps):
-            with torch.enable_grad():
-                value = objective(p)
-                opt.zero_grad(set_to_none=True)
-                (-value.sum()).backward()
-            keep(value, step)
-            assert p.grad is not None
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            with torch.no_grad():
-                p.copy_(project(p))
-        with torch.no_grad():
-            keep(objective(p), self.steps)
-        return best_p, best, torch.stack(rows), at
+        best = KeepBest(p)  # float64 scores; non-finite values never win
+        curve = Curve(self.steps, self.record_every)
+        # Adam minimizes: the gradient of -sum(objective), then the clip onto the set
+        ascend(lambda q: (objective(q), None), p, optimizer_update(opt, p, project),
+               steps=self.steps, best=best, descent=True, observe=curve)
+        return best.params, best.score, curve.stack(), curve.steps_at
 
 
 # --------------------------------------------------------------------------------------------
 # The attacks
 # --------------------------------------------------------------------------------------------
 class LikelihoodAttack(Attack):
-    """Base of the seed-000 attacks (see the module docstring for the shared conventions).
+    """Base of Arvinte et al.'s attacks (see the module docstring for the shared conventions).
 
     Subclasses set ``name``, ``start`` ("test" or "generated"), ``threat_models`` and implement
     :meth:`_start`, :meth:`_objective` and :meth:`_bounds`.
@@ -194,7 +164,8 @@ class LikelihoodAttack(Attack):
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PIXEL_LR,
                  record_every: int = 1) -> None:
         self.steps = check_positive_int(steps, "steps")
-        self.lr = _check_real(lr, "lr", low=0.0, expected="a finite learning rate > 0")
+        self.lr = check_real(lr, "lr", low=0.0, low_open=True,
+                             expected="a finite learning rate > 0")
         self.record_every = check_positive_int(record_every, "record_every")
 
     @property
@@ -265,6 +236,7 @@ def _box_around(center: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return (center - eps).clamp_min(0.0), (center + eps).clamp_max(1.0)
 
 
+@register_attack("ll-near-sample")
 class NearSampleAttack(LikelihoodAttack):
     """Near-sample attack: maximize log p within the threat's l-inf ball around a test image.
 
@@ -284,6 +256,7 @@ class NearSampleAttack(LikelihoodAttack):
         return _box_around(x_start, _linf_eps(threat, self.name))
 
 
+@register_attack("ll-high-complexity")
 class HighComplexityAttack(NearSampleAttack):
     """High-complexity attack: the near-sample setting with the objective
     ``log p(x) / D + lam * || DCT(x)[H/2:, W/2:] ||_2`` (DCT of the [-1, 1] image).
@@ -306,9 +279,9 @@ class HighComplexityAttack(NearSampleAttack):
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PIXEL_LR, lam: float = 1.0,
                  record_every: int = 1) -> None:
         super().__init__(steps=steps, lr=lr, record_every=record_every)
-        self.lam = _check_real(lam, "lam", low=0.0, low_open=False,
-                               expected="a finite weight >= 0 (the paper's lambda = 1; a "
-                                        "negative weight would reward low complexity)")
+        self.lam = check_real(lam, "lam", low=0.0,
+                              expected="a finite weight >= 0 (the paper's lambda = 1; a "
+                                       "negative weight would reward low complexity)")
 
     def _objective(self, defense: nn.Module, x: Tensor) -> Tensor:
         value = super()._objective(defense, x)
@@ -317,6 +290,7 @@ class HighComplexityAttack(NearSampleAttack):
         return value + self.lam * dct_highfreq_norm(x)
 
 
+@register_attack("ll-unrestricted")
 class UnrestrictedLikelihoodAttack(LikelihoodAttack):
     """Unrestricted attack: maximize log p over the whole pixel box from the gray image.
 
@@ -335,6 +309,7 @@ class UnrestrictedLikelihoodAttack(LikelihoodAttack):
         return torch.zeros_like(x_start), torch.ones_like(x_start)
 
 
+@register_attack("ll-random-region")
 class RandomRegionAttack(LikelihoodAttack):
     """Random-region attack: maximize log p in an l-inf ball around a random start.
 
@@ -352,11 +327,12 @@ class RandomRegionAttack(LikelihoodAttack):
                  region_eps: float = REGION_EPS, start_std: float = START_STD,
                  record_every: int = 1) -> None:
         super().__init__(steps=steps, lr=lr, record_every=record_every)
-        self.region_eps = _check_real(region_eps, "region_eps", low=0.0, high=1.0,
-                                      expected="an l-inf radius in (0, 1] (the paper's 0.16 "
-                                               "in [-1, 1] is 0.08)")
-        self.start_std = _check_real(start_std, "start_std", low=0.0, low_open=False,
-                                     expected="a finite standard deviation >= 0")
+        self.region_eps = check_real(region_eps, "region_eps", low=0.0, high=1.0,
+                                     low_open=True,
+                                     expected="an l-inf radius in (0, 1] (the paper's 0.16 "
+                                              "in [-1, 1] is 0.08)")
+        self.start_std = check_real(start_std, "start_std", low=0.0,
+                                    expected="a finite standard deviation >= 0")
 
     def _start(self, defense: nn.Module, x: Tensor, threat: ThreatModel,
                generator: torch.Generator | None) -> Tensor:
@@ -373,6 +349,7 @@ class RandomRegionAttack(LikelihoodAttack):
         return out
 
 
+@register_attack("ll-prior-only")
 class PriorOnlyAttack(RandomRegionAttack):
     """Random-region prior-only attack: the random-region setting with only the prior term
     ``P(x) = log p1(x1(x))`` of ``log_prob_terms(x, solver="fast")`` as objective (divided by
@@ -391,6 +368,7 @@ class PriorOnlyAttack(RandomRegionAttack):
         return terms["prior"] / _dim(defense, x)
 
 
+@register_attack("ll-reverse")
 class ReverseIntegrationAttack(LikelihoodAttack):
     """Reverse-integration attack: optimize the latent x1, integrate the PF ODE backwards.
 
@@ -424,10 +402,10 @@ class ReverseIntegrationAttack(LikelihoodAttack):
                  latent_std: float = 1.0, box_penalty: float = 0.0,
                  record_every: int = 1) -> None:
         super().__init__(steps=steps, lr=lr, record_every=record_every)
-        self.latent_std = _check_real(latent_std, "latent_std", low=0.0, low_open=False,
-                                      expected="a finite standard deviation >= 0")
-        self.box_penalty = _check_real(box_penalty, "box_penalty", low=0.0, low_open=False,
-                                       expected="a finite weight >= 0")
+        self.latent_std = check_real(latent_std, "latent_std", low=0.0,
+                                     expected="a finite standard deviation >= 0")
+        self.box_penalty = check_real(box_penalty, "box_penalty", low=0.0,
+                                      expected="a finite weight >= 0")
 
     @staticmethod
     def _excess(x0: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ respect to the *parameter* and moves along the threat model's steepest-ascent di
 so the same loop is l-inf PGD (sign steps), l2 PGD (normalized steps), a StAdv flow attack or
 an unrestricted pixel attack. Every evaluated iterate competes for the returned one, per sample
 and across restarts: a misclassified iterate beats any correctly classified one, and ties are
-broken by the higher loss.
+broken by the higher loss. The loop and the best-iterate tracking are
+:func:`attacks._ascent.ascend` and :class:`attacks._ascent.KeepBest`, shared with flow PGD,
+StAdv and the likelihood attacks.
 """
 
 from __future__ import annotations
@@ -20,36 +22,25 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int, evaluate_draws
+from attacks._ascent import (
+    KeepBest,
+    ascend,
+    check_bool,
+    check_positive_int,
+    check_real,
+    threat_update,
+)
+from attacks.eot import evaluate_draws
 from attacks.losses import get_loss
 from benchmark.api.attack import Attack, AttackResult, Budget, Forward
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 #: Builds the differentiable view of a defense that an attack differentiates (BPDA uses it).
 ForwardHook = Callable[[nn.Module], Forward]
 
 
-class KeepBest:
-    """The best parameter seen so far, per sample.
-
-    Ranking: a success beats a failure; between equals, the higher ``score`` wins (PGD: the
-    loss; StAdv: minus its regularized loss). Non-finite scores never win.
-    """
-
-    def __init__(self, p0: Tensor) -> None:
-        b = p0.shape[0]
-        self.params = p0.detach().clone()
-        self.score = torch.full((b,), float("-inf"), device=p0.device)
-        self.success = torch.zeros(b, dtype=torch.bool, device=p0.device)
-
-    def update(self, p: Tensor, score: Tensor, success: Tensor) -> None:
-        score = score.detach().to(self.score.dtype)
-        better = (success & ~self.success) | ((success == self.success) & (score > self.score))
-        self.params = torch.where(better.view(-1, *[1] * (p.dim() - 1)), p.detach(), self.params)
-        self.score = torch.where(better, score, self.score)
-        self.success = self.success | success
-
-
+@register_attack("pgd")
 class PGD(Attack):
     """PGD with restarts, a choice of loss, EOT and a forward hook.
 
@@ -71,17 +62,12 @@ class PGD(Attack):
                  loss: str = "ce", random_start: bool = True, eot_draws: int = 1,
                  forward: ForwardHook | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
-        if step_size is not None and (
-                isinstance(step_size, bool) or not isinstance(step_size, int | float)
-                or not step_size > 0 or step_size == float("inf")):
-            raise ValueError(f"step_size must be a finite number > 0 or None, got {step_size!r}")
-        self.step_size = None if step_size is None else float(step_size)
+        self.step_size = check_real(step_size, "step_size", low=0.0, low_open=True,
+                                    none_ok=True)
         self.restarts = check_positive_int(restarts, "restarts")
         get_loss(loss)
         self.loss = loss
-        if not isinstance(random_start, bool):
-            raise ValueError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
+        self.random_start = check_bool(random_start, "random_start")
         self.eot_draws = check_positive_int(eot_draws, "eot_draws")
         self._forward = forward
 
@@ -103,30 +89,30 @@ class PGD(Attack):
         x, y = x.detach(), y.detach()
         draws = self.eot_draws
 
-        best: KeepBest | None = None
+        def objective(p: Tensor) -> tuple[Tensor, Tensor | None]:
+            return self.objective(defense, forward, threat.apply(x, p), y, loss_fn, draws)
+
         grads = zero_grads = 0
+
+        def count_dead(_: int, value: Tensor, grad: Tensor | None) -> None:
+            nonlocal grads, zero_grads
+            if grad is None:
+                return
+            flat = grad.reshape(len(grad), -1)
+            dead = ~torch.isfinite(flat).all(dim=1) | (flat == 0).all(dim=1)
+            grads += len(dead)
+            zero_grads += int(dead.sum())
+
+        update = threat_update(threat, x, step)
+        best: KeepBest | None = None
         for restart in range(self.restarts):
             p = threat.init(x, generator, random=self.random_start or restart > 0)
             if best is None:
-                best = KeepBest(p)
-            for _ in range(self.steps):
-                p = p.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    losses, success = self.objective(defense, forward, threat.apply(x, p), y,
-                                                     loss_fn, draws)
-                    (grad,) = torch.autograd.grad(losses.sum(), p)
-                best.update(p, losses, success)
-                flat = grad.reshape(len(grad), -1)
-                dead = ~torch.isfinite(flat).all(dim=1) | (flat == 0).all(dim=1)
-                grads += len(dead)
-                zero_grads += int(dead.sum())
-                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-                with torch.no_grad():
-                    p = threat.project(x, p.detach() + step * threat.ascent(grad))
-            with torch.no_grad():
-                losses, success = self.objective(defense, forward, threat.apply(x, p), y,
-                                                 loss_fn, draws)
-            best.update(p, losses, success)
+                # PGD's ranking since its first version: scores compared in the default dtype,
+                # +-inf ranked like numbers (a success always has a finite loss)
+                best = KeepBest(p, track_success=True, finite=False,
+                                dtype=torch.get_default_dtype())
+            ascend(objective, p, update, steps=self.steps, best=best, observe=count_dead)
 
         assert best is not None
         with torch.no_grad():

@@ -17,16 +17,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int
+from attacks._ascent import check_bool, check_positive_int, check_real
 from attacks.losses import get_loss
 from attacks.pgd import PGD, ForwardHook
 from benchmark.api.attack import Attack, AttackResult, Budget
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 
 #: Lee & Kim's step, 0.007, as a fraction of their l-inf budget 8/255.
 LEE_KIM_STEP_RATIO = 0.007 / (8 / 255)
 
 
+@register_attack("pgd-eot")
 class PGDEOT(Attack):
     """PGD-EOT with the step a fraction of eps (Lee & Kim defaults; see the module docstring).
 
@@ -43,16 +45,11 @@ class PGDEOT(Attack):
                  forward: ForwardHook | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
         self.eot_draws = check_positive_int(eot_draws, "eot_draws")
-        if isinstance(step_ratio, bool) or not isinstance(step_ratio, int | float) or not (
-                0 < step_ratio < float("inf")):
-            raise ValueError(f"step_ratio must be a finite number > 0 (step = step_ratio * "
-                             f"eps), got {step_ratio!r}")
-        self.step_ratio = float(step_ratio)
+        self.step_ratio = check_real(step_ratio, "step_ratio", low=0.0, low_open=True,
+                                     expected="a finite number > 0 (step = step_ratio * eps)")
         get_loss(loss)
         self.loss = loss
-        if not isinstance(random_start, bool):
-            raise ValueError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
+        self.random_start = check_bool(random_start, "random_start")
         self.restarts = check_positive_int(restarts, "restarts")
         self._forward = forward
 

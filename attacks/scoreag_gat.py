@@ -1,5 +1,6 @@
-"""ScoreAG's generative adversarial transformation, GAT (Kollovieh et al., arXiv 2310.04285,
-seed 001, section 3.2): an *unrestricted* attack that re-generates the test image.
+"""ScoreAG's generative adversarial transformation, GAT (Kollovieh et al., "Assessing Robustness
+via Score-Based Adversarial Image Generation", arXiv 2310.04285, 2023, section 3.2): an
+*unrestricted* attack that re-generates the test image.
 
 The test image is diffused to t* and the reverse SDE follows the unconditional score plus two
 guidance terms on the one-step estimate x0_hat(x_t) (:func:`defenses.scoreag.guided_score`):
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks._ascent import check_choice
 from benchmark.api.attack import Attack, AttackResult
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.diffpure import draw_noise, euler_maruyama_steps, reverse_vp_sde
@@ -95,6 +98,7 @@ def load_judge(judge: str | nn.Module) -> nn.Module:
     return DEFENSES.get(judge)().eval()
 
 
+@register_attack("scoreag-gat")
 class ScoreAGGAT(Attack):
     """GAT under the ``unrestricted`` threat model; see the module docstring."""
 
@@ -110,9 +114,7 @@ class ScoreAGGAT(Attack):
         self.t_star, self.dt = float(t_star), float(dt)
         self.s_x = check_scale(s_x, "s_x")
         self.s_y = check_scale(s_y, "s_y")
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        self.target = target
+        self.target = check_choice(target, "target", TARGETS)
         if not isinstance(denoiser, str | Denoiser):
             raise TypeError(f"denoiser must be a zoo model name, got {denoiser!r}")
         self.denoiser = denoiser

@@ -18,17 +18,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from attacks.eot import check_positive_int, evaluate_draws
+from attacks._ascent import (
+    KeepBest,
+    ascend,
+    check_positive_int,
+    check_real,
+    optimizer_update,
+)
+from attacks.eot import evaluate_draws
 from attacks.losses import margin
-from attacks.pgd import ForwardHook, KeepBest
+from attacks.pgd import ForwardHook
 from benchmark.api.attack import Attack, AttackResult, Budget, Forward
 from benchmark.api.threat import ThreatModel
+from benchmark.plugins import register_attack
 from threat_models.stadv import flow_smoothness
 
 #: lambda = SMOOTHNESS_SCALE / bound, i.e. 0.05 at the default bound 0.05 (perceptual-advex).
 SMOOTHNESS_SCALE = 0.0025
 
 
+@register_attack("stadv")
 class StAdv(Attack):
     """Adam on the flow field; see the module docstring. ``smoothness=None`` means
     ``0.0025 / threat.eps``; ``eot_draws`` averages the loss over draws of a stochastic
@@ -40,14 +49,8 @@ class StAdv(Attack):
     def __init__(self, *, steps: int = 100, lr: float = 0.01, smoothness: float | None = None,
                  eot_draws: int = 1, forward: ForwardHook | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        self.lr = float(lr)
-        if smoothness is not None and (
-                isinstance(smoothness, bool) or not isinstance(smoothness, int | float)
-                or not 0 <= smoothness < float("inf")):
-            raise ValueError(f"smoothness must be a finite number >= 0 or None, got {smoothness!r}")
-        self.smoothness = None if smoothness is None else float(smoothness)
+        self.lr = check_real(lr, "lr", low=0.0, low_open=True)
+        self.smoothness = check_real(smoothness, "smoothness", low=0.0, none_ok=True)
         self.eot_draws = check_positive_int(eot_draws, "eot_draws")
         self._forward = forward
 
@@ -71,21 +74,14 @@ class StAdv(Attack):
             return adv_margin - lam * flow_smoothness(flow), success
 
         flow = threat.init(x, generator, random=False).requires_grad_(True)
-        best = KeepBest(flow)
+        # recoloradv's keep_best, as PGD ranks: success first, then the score; +-inf ranked
+        # like numbers and scores compared in the default dtype, as this attack always has
+        best = KeepBest(flow, track_success=True, finite=False, dtype=torch.get_default_dtype())
         opt = torch.optim.Adam([flow], lr=self.lr)
-        for _ in range(self.steps):
-            with torch.enable_grad():
-                score, success = objective(flow)
-                # Gradient w.r.t. the flow only: never accumulate into the defense's parameters.
-                (grad,) = torch.autograd.grad(-score.sum(), flow)
-            best.update(flow, score, success)
-            flow.grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            with torch.no_grad():
-                flow.copy_(threat.project(x, flow))
-        with torch.no_grad():
-            score, success = objective(flow)
-        best.update(flow, score, success)
+        # Adam minimizes CW + lam L_flow: the gradient of -score (w.r.t. the flow only; never
+        # accumulated into the defense's parameters), then a projection onto the bound
+        ascend(objective, flow, optimizer_update(opt, flow, lambda f: threat.project(x, f)),
+               steps=self.steps, best=best, descent=True)
 
         with torch.no_grad():
             x_adv = threat.apply(x, best.params)

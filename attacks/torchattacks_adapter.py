@@ -25,7 +25,6 @@ threat model, and minimum-norm or unbounded attacks (CW, DeepFool, ...) ``unrest
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -33,9 +32,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attacks._ascent import check_real
 from attacks.autoattack import DefenseView, draw_seed, rng_devices
 from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget
 from benchmark.api.threat import AdditiveThreatModel, ThreatModel
+from benchmark.plugins import did_you_mean, register_attack
 
 LINF_ATTACKS = frozenset({
     "FGSM", "BIM", "RFGSM", "PGD", "EOTPGD", "FFGSM", "TPGD", "MIFGSM", "UPGD", "DIFGSM",
@@ -60,6 +61,7 @@ def _attack_names() -> list[str]:
     return [n for n in torchattacks.__all__ if n not in _WRAPPERS]
 
 
+@register_attack("torchattacks")
 class TorchAttacks(Attack):
     """A torchattacks attack by name (an extra baseline; see the module docstring)."""
 
@@ -76,8 +78,7 @@ class TorchAttacks(Attack):
 
         names = _attack_names()
         if attack not in names:
-            hint = difflib.get_close_matches(str(attack), names, n=3, cutoff=0.5)
-            tip = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+            tip = did_you_mean(str(attack), names, n=3, cutoff=0.5)
             raise ValueError(f"unknown torchattacks attack {attack!r}{tip} "
                              f"(known: {', '.join(sorted(names))})")
         if "model" in kwargs:
@@ -92,8 +93,8 @@ class TorchAttacks(Attack):
                 raise TypeError(f"alpha_scale sets torchattacks.{attack}'s alpha from the "
                                 "threat model; it needs an attack with an 'alpha' parameter "
                                 "and no explicit alpha")
-            if isinstance(alpha_scale, bool) or not float(alpha_scale) > 0:
-                raise ValueError(f"alpha_scale must be a number > 0, got {alpha_scale!r}")
+            check_real(alpha_scale, "alpha_scale", low=0.0, low_open=True,
+                       expected="a number > 0")
         self.attack = attack
         self.alpha_scale = None if alpha_scale is None else float(alpha_scale)
         self.kwargs = dict(kwargs)

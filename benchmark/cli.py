@@ -44,14 +44,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             entry = get_entry(name)
             print(f"{name}\t{entry.dataset}\t{entry.sha256[:12]}")
         return 0
+    # one line per plug-in: name, module:qualname, file:line of its definition, dist==version
     reg = _registries()[args.what]
     for name in reg.names():
+        where = reg.definition(name)  # never raises for a listed name: a broken one keeps its ref
         try:
             prov = str(reg.provenance(name))
         except Exception as exc:  # a broken plug-in is listed with a warning, not a crash
             print(f"warning: {reg.kind} {name!r} failed to load: {exc}", file=sys.stderr)
             prov = "failed to load"
-        print(f"{name}\t{prov}")
+        print(f"{name}\t{where.ref}\t{where.location}\t{prov}")
     return 0
 
 

@@ -1,12 +1,13 @@
-"""Image complexity: the PNG compression ratio of Serra et al. (2020) used by seed 000, and the
-paper's differentiable proxy for it, the high-frequency DCT energy.
+"""Image complexity: the PNG compression ratio of Serra et al. (2020) as used by Arvinte et al.
+(2023, PF-ODE density robustness), and that paper's differentiable proxy for it, the
+high-frequency DCT energy.
 
 ``C(x) = bytes(PNG(x)) / D`` with D = C H W, computed on the 8-bit quantization of ``x`` in
 [0, 1] (round(255 x)) with Pillow at a fixed ``compress_level`` (default 9, the maximum, so the
 ratio does not depend on Pillow's default). Values slightly above 1 occur for incompressible
 images (PNG's header and filter bytes).
 
-The high-complexity attack of seed 000 (section 3) maximizes
+The high-complexity attack of Arvinte et al. (section 3) maximizes
 ``log p(x + delta) + lambda * || DCT(x + delta)[W/2:W, H/2:H] ||^2`` with lambda = 1: the energy
 of the high-frequency quadrant of the orthonormal 2-D DCT-II, per channel, summed over
 channels (:func:`dct_high_freq_energy`). The norm in the paper's formula is garbled in our copy

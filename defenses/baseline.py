@@ -6,11 +6,13 @@ import torch
 from torch import Tensor
 
 from benchmark.api.defense import Defense
+from benchmark.plugins import register_defense
 from benchmark.zoo import get_entry, load_model
 
 __all__ = ["Undefended"]
 
 
+@register_defense("undefended")
 class Undefended(Defense):
     """Zoo model ``model`` as is: deterministic, one network evaluation per call.
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from benchmark.api.defense import Defense
+from benchmark.plugins import register_defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.rdc import _load_denoiser
@@ -147,6 +148,7 @@ def probe_classifier(classifier: nn.Module, image_shape: tuple[int, ...] | None,
     return int(out.shape[1])
 
 
+@register_defense("diffpure")
 class DiffPure(Defense):
     """DiffPure with a zoo denoiser (VP SDE) and a zoo classifier; see the module docstring.
 

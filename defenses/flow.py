@@ -8,10 +8,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from benchmark.api.density import DensityDefense, check_images
+from benchmark.plugins import register_defense
 
 __all__ = ["FlowDensity"]
 
 
+@register_defense("flow")
 class FlowDensity(DensityDefense):
     """A zoo normalizing flow (RealNVP / Glow; clean, adversarial or hybrid training) scored by
     its exact log-likelihood (Pope, Balaji & Feizi 2020). Deterministic: dequantization noise is

@@ -1,5 +1,6 @@
-"""PF-ODE likelihood detector (seed 000: robustness of density estimation with the probability
-flow ODE; Song et al. 2021's likelihood computation).
+"""PF-ODE likelihood detector (Arvinte, Cornelius, Martin & Himayat, "Investigating the
+Adversarial Robustness of Density Estimation Using the Probability Flow ODE", arXiv 2310.07084,
+2023; Song et al. 2021's likelihood computation; docs/design.md section 5.4).
 
 A diffusion denoiser eps(x_t, t) under an SDE schedule (default: subVP, beta_0 = 0.1,
 beta_1 = 20, as in the paper's ``cifar10_ddpmpp_deep_continuous`` checkpoint) defines the
@@ -63,6 +64,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from benchmark.api.density import DensityDefense, check_images
+from benchmark.plugins import register_defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import Schedule, SDESchedule, SubVPSDE, get_schedule
 
@@ -232,6 +234,7 @@ class _CheckpointedStep(torch.autograd.Function):
         return None, gxi, gai, None, None
 
 
+@register_defense("pfode")
 class PFODEDensity(DensityDefense):
     """Probability-flow ODE log-likelihood of a diffusion denoiser (see the module docstring).
 

@@ -1,5 +1,5 @@
 """Diffusion classifier (DC) and Robust Diffusion Classifier (RDC): Chen et al., "Robust
-Classification via a Single Diffusion Model" (seed 002).
+Classification via a Single Diffusion Model" (ICML 2024; docs/design.md section 5.1).
 
 DC (paper eq. 6 and 9): with a class-conditional noise predictor,
 
@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from benchmark.api.defense import Defense
+from benchmark.plugins import register_defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import DDPM, EDM
 
@@ -94,6 +95,7 @@ def tune_rows_per_batch(denoiser: Denoiser, event: tuple[int, ...], device: torc
     return best
 
 
+@register_defense("dc")
 class DiffusionClassifier(Defense):
     """DC: class scores from the conditional noise-prediction error (see module docstring).
 
@@ -227,6 +229,7 @@ class DiffusionClassifier(Defense):
         return err.view(b, tp).mean(dim=1)
 
 
+@register_defense("rdc")
 class RobustDiffusionClassifier(DiffusionClassifier):
     """RDC = likelihood maximization (``purify``) then DC (``head``); see module docstring.
 
@@ -375,6 +378,7 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         return self.head(self.purify(x))
 
 
+@register_defense("dc-optimal")
 class OptimalDiffusionClassifier(DiffusionClassifier):
     """``dc-optimal``: DC over the closed-form optimal denoiser of a training subset
     (theorem 3.2): ``per_class`` training images of each class of ``dataset``."""

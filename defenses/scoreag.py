@@ -1,5 +1,5 @@
-"""ScoreAG's generative adversarial purification, GAP (Kollovieh et al., arXiv 2310.04285,
-seed 001, section 3.3).
+"""ScoreAG's generative adversarial purification, GAP (Kollovieh et al., "Assessing Robustness
+via Score-Based Adversarial Image Generation", arXiv 2310.04285, 2023, section 3.3).
 
 GAP samples from p(x0 | x_input): the input is diffused to t*, and the reverse SDE follows the
 unconditional score plus a *semantic* guidance term that keeps the sample close to the input.
@@ -16,7 +16,7 @@ denoiser). The reverse loop is DiffPure's (:func:`defenses.diffpure.reverse_vp_s
 
 Choices stated (the paper's experiments use CIFAR-scale EDM models, and the text available to
 this project gives no numeric GAP settings and no code exists, see
-``/work/shared/reference/diffusion_defenses.md`` section 4):
+docs/design.md section 5.3):
 
 * the process is DiffPure's VP SDE (beta 0.1..20, Euler-Maruyama, dt = 1e-3) with DiffPure's
   t* per threat model (0.1 l-inf, 0.075 l2, 0.125 StAdv), so that GAP and DiffPure differ only
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.plugins import register_defense
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.diffpure import DiffPure
@@ -78,6 +79,7 @@ def guided_score(denoiser: Denoiser, sde: VPSDE, x_t: Tensor, t: Tensor, *, x_re
     return score + guide
 
 
+@register_defense("scoreag-gap")
 class ScoreAGPurification(DiffPure):
     """GAP: DiffPure's reverse VP-SDE guided toward the input by the semantic term (scale
     ``s_x``, >= 0); every other keyword as :class:`defenses.diffpure.DiffPure`.

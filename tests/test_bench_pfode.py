@@ -133,5 +133,5 @@ def test_real_model_figures(benchmark):
     benchmark.extra_info.update(info)
     print(json.dumps(info))
     assert torch.isfinite(accurate).all()
-    # the paper's finding (seed 000, fig. 7): uniform noise scores far below test images
+    # Arvinte et al. 2023's finding (fig. 7): uniform noise scores far below test images
     assert info["mean_bpd_test"] < info["mean_bpd_uniform_noise"]

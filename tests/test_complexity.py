@@ -1,4 +1,4 @@
-"""Image complexity: PNG ratio (Serra et al.) and the DCT high-frequency proxy of seed 000."""
+"""Image complexity: PNG ratio (Serra et al.) and the DCT high-frequency proxy of Arvinte et al."""
 
 from __future__ import annotations
 

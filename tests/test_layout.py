@@ -112,20 +112,26 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "benchmark"
 
 
-#: what each layer of benchmark/ may import at module level (besides itself). Plug-in packages
-#: (attacks, defenses, threat_models) sit beside plugins/: they implement api/ contracts.
+#: what each layer may import at module level (besides itself). ``report/`` reads the spec,
+#: the store and the plug-ins (and the code version it stamps), never ``run/``; plug-in packages
+#: (attacks, defenses, threat_models) implement ``api/`` contracts over the zoo and never reach
+#: into the harness, the report or the verifier.
 ALLOWED: dict[str, set[str]] = {
     "api": set(),
     "plugins": {"api"},
     "zoo": {"api", "plugins"},
     "data": {"api", "plugins"},
+    "train": {"api", "plugins", "data", "zoo"},
     "complexity": set(),
     "version": set(),
     "spec": {"api", "plugins", "data", "zoo"},
     "store": {"spec"},
-    "report": {"api", "plugins", "spec", "store", "data", "version", "complexity"},
-    "run": {"api", "plugins", "spec", "store", "data", "version", "complexity", "zoo"},
-    "verify": {"api", "plugins", "spec", "store", "data", "version", "report", "run"},
+    "report": {"api", "plugins", "spec", "store", "version"},
+    "run": {"api", "plugins", "spec", "store", "version", "data", "complexity"},
+    "verify": {"api", "plugins", "spec", "store", "version", "data", "report", "run"},
+    "threat_models": {"api", "plugins"},
+    "defenses": {"api", "plugins", "zoo", "data"},
+    "attacks": {"api", "plugins", "zoo", "complexity", "threat_models", "defenses"},
 }
 
 

@@ -1,5 +1,5 @@
-"""The six log-likelihood attacks of seed 000 against exact Gaussian densities (closed-form or
-box-QP optima), plus their contracts and failure paths."""
+"""The six log-likelihood attacks of Arvinte et al. (2023) against exact Gaussian densities
+(closed-form or box-QP optima), plus their contracts and failure paths."""
 
 from __future__ import annotations
 

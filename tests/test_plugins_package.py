@@ -65,10 +65,17 @@ def _genbench(env: Path, *args: str, **extra: str) -> subprocess.CompletedProces
 def test_plugin_is_listed_with_its_version_and_broken_one_warns(venv):
     res = _genbench(venv, "list", "defenses")
     assert res.returncode == 0, res.stderr
-    assert f"{NAME}\t{DIST}==0.1.0" in res.stdout.splitlines()
-    assert "undefended\tgenbench==" in res.stdout
+    # name, module:qualname, file:line of its definition, dist==version
+    rows = {line.split("\t")[0]: line.split("\t") for line in res.stdout.splitlines()}
+    _, ref, location, prov = rows[NAME]
+    assert (ref, prov) == ("genbench_example_plugin:Blurred", f"{DIST}==0.1.0")
+    assert "genbench_example_plugin" in location and location.rpartition(":")[2].isdigit()
+    _, ref, location, prov = rows["undefended"]
+    assert ref == "defenses.baseline:Undefended" and location.startswith("defenses/baseline.py:")
+    assert prov.startswith("genbench==")
     # the broken entry point: listed as failed, with a warning naming it, not a crash
-    assert "genbench-broken-plugin/missing\tfailed to load" in res.stdout
+    assert rows["genbench-broken-plugin/missing"][1:] == [
+        "genbench_example_plugin:DoesNotExist", "-", "failed to load"]
     assert "warning: defense 'genbench-broken-plugin/missing' failed to load" in res.stderr
     assert "'DoesNotExist'" in res.stderr
 

@@ -1,5 +1,5 @@
-"""DC / RDC (seed 002) against exact oracles: the optimal diffusion classifier (theorem 3.2),
-a per-class reference loop, and the failure paths."""
+"""DC / RDC (Chen et al., ICML 2024) against exact oracles: the optimal diffusion classifier
+(theorem 3.2), a per-class reference loop, and the failure paths."""
 
 from __future__ import annotations
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.api.threat import AdditiveThreatModel
+from benchmark.api.threat import AdditiveThreatModel, bcast
+from benchmark.plugins import register_threat_model
 
 _TINY = 1e-12
 
 
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
+@register_threat_model("l2")
 class L2Threat(AdditiveThreatModel):
     name = "l2"
 
@@ -26,8 +24,8 @@ class L2Threat(AdditiveThreatModel):
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
         radius = self.eps * r.pow(1.0 / d)
-        direction = g / _bcast(self._norm(g.reshape(len(g), -1)).clamp_min(_TINY), g)
-        return self.project(x, direction * _bcast(radius, g))
+        direction = g / bcast(self._norm(g.reshape(len(g), -1)).clamp_min(_TINY), g)
+        return self.project(x, direction * bcast(radius, g))
 
     def _norm(self, flat: Tensor) -> Tensor:
         return flat.norm(p=2, dim=1)
@@ -35,8 +33,8 @@ class L2Threat(AdditiveThreatModel):
     def _project_ball(self, p: Tensor) -> Tensor:
         n = self._norm(p.reshape(len(p), -1))
         scale = (self.eps / n.clamp_min(_TINY)).clamp(max=1.0)
-        return p * _bcast(scale, p)
+        return p * bcast(scale, p)
 
     def ascent(self, g: Tensor) -> Tensor:
         n = self._norm(g.reshape(len(g), -1)).clamp_min(_TINY)
-        return g / _bcast(n, g)
+        return g / bcast(n, g)

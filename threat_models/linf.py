@@ -6,8 +6,10 @@ import torch
 from torch import Tensor
 
 from benchmark.api.threat import AdditiveThreatModel
+from benchmark.plugins import register_threat_model
 
 
+@register_threat_model("linf")
 class LinfThreat(AdditiveThreatModel):
     name = "linf"
 

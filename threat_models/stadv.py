@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmark.api.threat import CHECK_ATOL, ThreatModel, Violation
+from benchmark.plugins import register_threat_model
 
 ALIGN_CORNERS = False
 MODE = "bilinear"
@@ -48,6 +49,7 @@ def flow_smoothness(flow: Tensor) -> Tensor:
     return total
 
 
+@register_threat_model("stadv")
 class StAdvThreat(ThreatModel):
     name = "stadv"
     needs_params = True

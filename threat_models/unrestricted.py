@@ -10,8 +10,10 @@ import torch
 from torch import Tensor
 
 from benchmark.api.threat import ThreatModel, Violation
+from benchmark.plugins import register_threat_model
 
 
+@register_threat_model("unrestricted")
 class UnrestrictedThreat(ThreatModel):
     name = "unrestricted"
 

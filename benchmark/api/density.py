@@ -20,8 +20,9 @@ metric uses. On top of the :class:`benchmark.api.defense.Defense` contract it pr
 Log-likelihoods are densities of ``x`` in [0, 1]^D coordinates whatever space the model works
 in (a model on [-1, 1] adds D ln 2), so bits/dim read the same for every density defense.
 
-Detection (DESIGN.md section 5, seeds 000 and 003): an image is *accepted* when its log p is at
-least the threshold that accepts 95% of the clean test images.
+Detection (docs/design.md section 4.6, after Arvinte et al. 2023 and Pope, Balaji & Feizi
+2020): an image is *accepted* when its log p is at least the threshold that accepts 95% of the
+clean test images.
 """
 
 from __future__ import annotations

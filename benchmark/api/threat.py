@@ -72,6 +72,15 @@ def _per_sample(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def bcast(v: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values ``v`` (B,) as (B, 1, ..., 1), to broadcast against ``like`` (B, ...).
+
+    Shared by the threat models and the attacks (it lives here, in the contract layer, because
+    threat models must not import ``attacks/``). A view of ``v`` when ``v`` is contiguous.
+    """
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 class ThreatModel(ABC):
     """Base class. Subclasses set ``name`` and implement the parameter space."""
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from benchmark.data import Dataset, Split
+from benchmark.plugins import register_dataset
 
 __all__ = [
     "DatasetNotFoundError",
@@ -177,6 +178,7 @@ def _split(parts: list[tuple[np.ndarray, np.ndarray]]) -> Split:
                  ids=torch.arange(labels.shape[0], dtype=torch.int64))
 
 
+@register_dataset("cifar10")
 def load_cifar10(*, root: str | os.PathLike[str] | None = None) -> Dataset:
     """CIFAR-10 from a local ``cifar-10-batches-py`` folder (see the module docstring).
 

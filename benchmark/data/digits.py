@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.data import Dataset, Split
+from benchmark.plugins import register_dataset
 
 __all__ = ["RESOLUTIONS", "SPLIT_SEED", "TEST_PER_CLASS", "load_digits", "split_indices"]
 
@@ -38,6 +39,7 @@ def split_indices(labels: np.ndarray, *, test_per_class: int = TEST_PER_CLASS,
     return train_idx, test_idx
 
 
+@register_dataset("digits")
 def load_digits(*, resolution: int = 16) -> Dataset:
     """The digits dataset at ``resolution`` x ``resolution`` (one of :data:`RESOLUTIONS`).
 

@@ -13,7 +13,6 @@ class-balanced as it can be; ``cifar10-test512-v1`` is the first 512 ids of ``ci
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 from torch import Tensor
 
 from benchmark.data import Dataset
+from benchmark.plugins.suggest import did_you_mean
 
 __all__ = [
     "EvalSubset",
@@ -95,11 +95,11 @@ def get_subset(dataset: str, name: str) -> EvalSubset:
     res = _folder().joinpath(f"{stem}.json")
     if not res.is_file():
         available = list_subsets()
-        hint = difflib.get_close_matches(stem, available, n=3, cutoff=0.5)
-        msg = f"unknown evaluation subset {name!r} for dataset {dataset!r}"
-        if hint:
-            shown = [h[len(dataset) + 1:] if h.startswith(f"{dataset}-") else h for h in hint]
-            msg += f"; did you mean {' or '.join(repr(h) for h in shown)}?"
+        def show(h: str) -> str:  # the dataset's own subsets by the name the user types
+            return h[len(dataset) + 1:] if h.startswith(f"{dataset}-") else h
+
+        msg = (f"unknown evaluation subset {name!r} for dataset {dataset!r}"
+               f"{did_you_mean(stem, available, n=3, cutoff=0.5, show=show)}")
         msg += f" (available: {', '.join(available) or 'none'})"
         raise UnknownSubsetError(msg)
     raw = json.loads(res.read_text(encoding="utf-8"))

@@ -1,4 +1,9 @@
-"""The registries of genbench, with the built-in plug-ins as lazy entries.
+"""The registries of genbench; the built-in plug-ins register themselves where they are defined.
+
+Each plug-in module decorates its plug-ins (``@register_attack("pgd")`` above ``class PGD``).
+Importing this module imports none of them: each registry knows its built-in plug-in *modules*
+(:data:`BUILTIN_MODULES`) and imports them on its first lookup or listing (``names()``,
+``get()``, ``in``, ...).
 
 Third-party packages add to ``DEFENSES``, ``ATTACKS`` and ``THREAT_MODELS`` through the
 entry-point groups ``genbench.defenses``, ``genbench.attacks`` and ``genbench.threat_models``
@@ -16,71 +21,44 @@ from benchmark.api.attack import Attack
 from benchmark.api.threat import ThreatModel
 from benchmark.plugins.registry import ENTRY_POINT_GROUPS, Registry
 
+__all__ = ["ATTACKS", "BUILTIN_MODULES", "DATASETS", "DEFENSES", "THREAT_MODELS", "TRAINERS",
+           "DefenseFactory", "register_attack", "register_dataset", "register_defense",
+           "register_threat_model", "register_trainer"]
+
 DefenseFactory = Callable[..., nn.Module]
 
+#: the modules whose decorators register the built-in plug-ins of each kind (imported lazily)
+BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
+    "defense": ("defenses.baseline", "defenses.rdc", "defenses.diffpure", "defenses.scoreag",
+                "defenses.flow", "defenses.pfode"),
+    "attack": ("attacks.pgd", "attacks.eot", "attacks.bpda", "attacks.stadv",
+               "attacks.autoattack", "attacks.torchattacks_adapter", "attacks.exact",
+               "attacks.lagrange", "attacks.likelihood", "attacks.flow_pgd", "attacks.pgd_eot",
+               "attacks.fixed_noise", "attacks.scoreag_gat"),
+    "threat model": ("threat_models.linf", "threat_models.l2", "threat_models.stadv",
+                     "threat_models.unrestricted"),
+    "dataset": ("benchmark.data.digits", "benchmark.data.cifar10"),
+    "trainable model": ("benchmark.train.classifier", "benchmark.train.denoiser",
+                        "benchmark.train.flow"),
+}
+
 DEFENSES: Registry[DefenseFactory] = Registry(
-    "defense", entry_point_group=ENTRY_POINT_GROUPS["defense"])
+    "defense", entry_point_group=ENTRY_POINT_GROUPS["defense"],
+    modules=BUILTIN_MODULES["defense"])
 ATTACKS: Registry[type[Attack]] = Registry(
-    "attack", entry_point_group=ENTRY_POINT_GROUPS["attack"])
+    "attack", entry_point_group=ENTRY_POINT_GROUPS["attack"],
+    modules=BUILTIN_MODULES["attack"])
 THREAT_MODELS: Registry[type[ThreatModel]] = Registry(
-    "threat model", entry_point_group=ENTRY_POINT_GROUPS["threat model"])
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
-TRAINERS: Registry[Callable[..., Any]] = Registry("trainable model")
+    "threat model", entry_point_group=ENTRY_POINT_GROUPS["threat model"],
+    modules=BUILTIN_MODULES["threat model"])
+DATASETS: Registry[Callable[..., Any]] = Registry(
+    "dataset", modules=BUILTIN_MODULES["dataset"])
+TRAINERS: Registry[Callable[..., Any]] = Registry(
+    "trainable model", modules=BUILTIN_MODULES["trainable model"])
 
-for _name, _ref in {
-    "linf": "threat_models.linf:LinfThreat",
-    "l2": "threat_models.l2:L2Threat",
-    "stadv": "threat_models.stadv:StAdvThreat",
-    "unrestricted": "threat_models.unrestricted:UnrestrictedThreat",
-}.items():
-    THREAT_MODELS.add(_name, _ref)
-
-for _name, _ref in {
-    "pgd": "attacks.pgd:PGD",
-    "eot": "attacks.eot:EOT",
-    "bpda": "attacks.bpda:BPDA",
-    "stadv": "attacks.stadv:StAdv",
-    "autoattack": "attacks.autoattack:AutoAttack",
-    "torchattacks": "attacks.torchattacks_adapter:TorchAttacks",
-    "exact": "attacks.exact:Exact",
-    "lagrange": "attacks.lagrange:Lagrange",
-    "ll-near-sample": "attacks.likelihood:NearSampleAttack",
-    "ll-random-region": "attacks.likelihood:RandomRegionAttack",
-    "ll-high-complexity": "attacks.likelihood:HighComplexityAttack",
-    "ll-reverse": "attacks.likelihood:ReverseIntegrationAttack",
-    "ll-prior-only": "attacks.likelihood:PriorOnlyAttack",
-    "ll-unrestricted": "attacks.likelihood:UnrestrictedLikelihoodAttack",
-    "flow-pgd-in": "attacks.flow_pgd:FlowPGDIn",
-    "flow-pgd-ood": "attacks.flow_pgd:FlowPGDOOD",
-    "pgd-eot": "attacks.pgd_eot:PGDEOT",
-    "fixed-noise": "attacks.fixed_noise:FixedNoise",
-    "scoreag-gat": "attacks.scoreag_gat:ScoreAGGAT",
-}.items():
-    ATTACKS.add(_name, _ref)
-
-for _name, _ref in {
-    "undefended": "defenses.baseline:Undefended",
-    "dc": "defenses.rdc:DiffusionClassifier",
-    "rdc": "defenses.rdc:RobustDiffusionClassifier",
-    "dc-optimal": "defenses.rdc:OptimalDiffusionClassifier",
-    "diffpure": "defenses.diffpure:DiffPure",
-    "scoreag-gap": "defenses.scoreag:ScoreAGPurification",
-    "flow": "defenses.flow:FlowDensity",
-    "pfode": "defenses.pfode:PFODEDensity",
-}.items():
-    DEFENSES.add(_name, _ref)
-
-for _name, _ref in {
-    "digits": "benchmark.data.digits:load_digits",
-    "cifar10": "benchmark.data.cifar10:load_cifar10",
-}.items():
-    DATASETS.add(_name, _ref)
-
-for _name, _ref in {
-    "classifier": "benchmark.train.classifier:train",
-    "cnn-at": "benchmark.train.classifier:train_adversarial",
-    "eps": "benchmark.train.denoiser:train",
-    "realnvp": "benchmark.train.flow:train_realnvp",
-    "glow": "benchmark.train.flow:train_glow",
-}.items():
-    TRAINERS.add(_name, _ref)
+#: decorators for plug-in modules: ``@register_attack("pgd")`` is ``@ATTACKS.register("pgd")``
+register_defense = DEFENSES.register
+register_attack = ATTACKS.register
+register_threat_model = THREAT_MODELS.register
+register_dataset = DATASETS.register
+register_trainer = TRAINERS.register

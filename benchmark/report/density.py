@@ -1,4 +1,4 @@
-"""Leaderboard metrics of density defenses (genbench issue 6; seeds 000 and 003).
+"""Leaderboard metrics of density defenses (genbench issue 6; docs/design.md 4.6, 5.4, 5.5).
 
 A density defense *accepts* an image when its log-likelihood is at least the threshold that
 accepts 95% of the clean test images: the 5% quantile of their log p, by numpy's default

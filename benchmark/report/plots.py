@@ -1,11 +1,11 @@
 """Plots of density defenses, written as PNG into ``<run>/density/`` by the leaderboard step
 (``genbench publish`` copies them next to the published leaderboard).
 
-* ``logp_vs_complexity_<defense>.png`` (seed 000, figure 2): NLL in bits/dim against PNG
+* ``logp_vs_complexity_<defense>.png`` (Arvinte et al. 2023, fig. 2): NLL in bits/dim vs PNG
   complexity, one panel per (attack, threat model, epsilon): the clean test images, the
   attack's starts and its results, and the 95% acceptance threshold (dashed; images below it
   in NLL are accepted);
-* ``convergence_<attack>.png`` (seed 000, figure 4): the attack objective (as the attack
+* ``convergence_<attack>.png`` (Arvinte et al. 2023, fig. 4): the attack objective (as the attack
   reports it in ``extras["curve"]``) against the curve index, the mean over samples with a band
   of +- 1.96 standard errors of the mean, one line per (defense, threat model, epsilon);
 * ``nll_vs_eps_<attack>_<threat>.png`` (Pope et al. table 1 as a figure): mean NLL (bits/dim)

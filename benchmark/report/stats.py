@@ -1,4 +1,4 @@
-"""Scoring: K-draw aggregation of per-sample outcomes and Wilson intervals (DESIGN.md section 4).
+"""Scoring: K-draw aggregation of per-sample outcomes and Wilson intervals (docs/design.md 4).
 
 Every sample's outcome is a *correct-count* c out of K independent draws of the defense
 (K = 1 for deterministic defenses). A sample is robust for a set of attacks with count

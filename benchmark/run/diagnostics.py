@@ -1,4 +1,4 @@
-"""Gradient diagnostics of a defense on a few clean samples (validity flags, DESIGN.md 4).
+"""Gradient diagnostics of a defense on a few clean samples (validity flags, docs/design.md 4.5).
 
 Input gradients of the cross-entropy loss, computed ``repeats`` times per sample in one batched
 backward pass. A deterministic defense returns the same gradient every time; a stochastic one

@@ -40,7 +40,6 @@ Errors name the file, the key and (where it can be found) the line.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.api.threat import validate_eps
+from benchmark.plugins.suggest import did_you_mean
 
 
 class SuiteError(ValueError):
@@ -178,10 +178,8 @@ class _Ctx:
     def unknown_keys(self, table: dict[str, Any], allowed: set[str], path: str) -> None:
         for key in table:
             if key not in allowed:
-                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-                msg = f"unknown key (expected one of {sorted(allowed)})"
-                if hint:
-                    msg += f"; did you mean {hint[0]!r}?"
+                msg = (f"unknown key (expected one of {sorted(allowed)})"
+                       f"{did_you_mean(key, sorted(allowed), n=1, cutoff=0.6)}")
                 raise self.error(f"{path}.{key}" if path else key, msg)
 
 
@@ -270,11 +268,10 @@ def _check_cross_references(ctx: _Ctx, defenses: tuple[PluginSpec, ...],
         for i, spec in enumerate(specs):
             for ref in spec.paired_with or ():
                 if ref not in ids:
-                    hint = difflib.get_close_matches(ref, ids, n=1)
                     raise ctx.error(f"{section}[{i}].{_PAIRING_KEY[section]}",
                                     f"{ref!r} is not the id of one of the suite's "
                                     f"{_PAIRING_KEY[section]} ({', '.join(ids)})"
-                                    + (f"; did you mean {hint[0]!r}?" if hint else ""))
+                                    + did_you_mean(ref, ids, n=1, cutoff=0.6))
     for i, spec in enumerate(attacks):
         offered = {e for t in threats
                    if spec.threat_models is None or t.name in spec.threat_models for e in t.eps}
@@ -372,10 +369,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         return parse_suite(path.read_text(), source=str(path))
     names = shipped_suites()
     if str(name_or_path) not in names:
-        hint = difflib.get_close_matches(str(name_or_path), names, n=2)
-        msg = f"unknown suite {str(name_or_path)!r}"
-        if hint:
-            msg += f"; did you mean {' or '.join(map(repr, hint))}?"
+        msg = (f"unknown suite {str(name_or_path)!r}"
+               f"{did_you_mean(str(name_or_path), names, n=2, cutoff=0.6)}")
         raise SuiteError(msg + f" (shipped: {', '.join(names)}; or pass a path to a .toml file)")
     res = resources.files("benchmark.spec") / "suites" / f"{name_or_path}.toml"
     return parse_suite(res.read_text(), source=f"suites/{name_or_path}.toml")

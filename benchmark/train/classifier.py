@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmark.plugins import register_trainer
+
 if TYPE_CHECKING:
     from benchmark.data import Dataset
 
@@ -239,6 +241,7 @@ def _clean_step_loss(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
 # --- trainers -----------------------------------------------------------------------------------
 
 
+@register_trainer("classifier")
 def train(*, dataset: str = "digits", seed: int = 0, epochs: int | None = None,
           max_steps: int | None = None, name: str | None = None,
           out_dir: str | os.PathLike[str] | None = None, progress: bool = True,
@@ -303,6 +306,7 @@ def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps
     return evaluate(model, x_adv, y, batch_size=batch_size)
 
 
+@register_trainer("cnn-at")
 def train_adversarial(*, dataset: str = "digits", seed: int = 0, eps: float = 0.1,
                       attack_steps: int = 10, epochs: int | None = None,
                       max_steps: int | None = None, name: str | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmark.plugins import register_trainer
 from benchmark.train.classifier import random_shift
 from benchmark.zoo.denoiser import Denoiser
 from benchmark.zoo.schedules import DDPM, EDM, VPSDE, SubVPSDE
@@ -212,6 +213,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@register_trainer("eps")
 def train(*, dataset: str = "digits", seed: int = 0, epochs: int | None = None,
           max_steps: int | None = None, name: str | None = None,
           out_dir: str | os.PathLike[str] | None = None, progress: bool = True,

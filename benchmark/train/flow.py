@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmark.plugins import register_trainer
 from benchmark.zoo.flows import Flow, dequantize
 
 __all__ = ["ARCHS", "REGIMES", "FlowTrainConfig", "config_for", "evaluate_robustness",
@@ -357,11 +358,13 @@ def train(*, arch: str, dataset: str = "digits", regime: str = "clean", seed: in
             "overrides": overrides, "registered": registered}
 
 
+@register_trainer("realnvp")
 def train_realnvp(**kwargs: Any) -> dict[str, Any]:
     """:func:`train` with ``arch="realnvp"`` (``genbench train realnvp``)."""
     return train(arch="realnvp", **kwargs)
 
 
+@register_trainer("glow")
 def train_glow(**kwargs: Any) -> dict[str, Any]:
     """:func:`train` with ``arch="glow"`` (``genbench train glow``)."""
     return train(arch="glow", **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from benchmark.plugins.registry import UnknownNameError, import_ref
+from benchmark.plugins.suggest import did_you_mean
 
 __all__ = [
     "ZOO_DIR",
@@ -119,10 +119,7 @@ def get_entry(name: str, *, manifest: str | os.PathLike[str] | None = None) -> Z
     """The manifest entry of ``name``; :class:`UnknownModelError` with suggestions if absent."""
     models = _read(manifest)
     if name not in models:
-        hint = difflib.get_close_matches(name, sorted(models), n=3, cutoff=0.5)
-        msg = f"unknown zoo model {name!r}"
-        if hint:
-            msg += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
+        msg = f"unknown zoo model {name!r}{did_you_mean(name, sorted(models), n=3, cutoff=0.5)}"
         msg += f" (known: {', '.join(sorted(models)) or 'none'})"
         raise UnknownModelError(msg)
     return ZooEntry.from_json(name, models[name])

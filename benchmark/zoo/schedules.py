@@ -36,7 +36,6 @@ ValueError: unknown noise schedule 'vpp'; did you mean 'vp'? ...
 
 from __future__ import annotations
 
-import difflib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor
 
 from benchmark.plugins.registry import UnknownNameError
+from benchmark.plugins.suggest import did_you_mean
 
 __all__ = [
     "DDPM",
@@ -373,10 +373,8 @@ def get_schedule(name: str | Schedule, **kw: Any) -> Schedule:
         return name
     cls = SCHEDULES.get(name)
     if cls is None:
-        hint = difflib.get_close_matches(str(name), sorted(SCHEDULES), n=3, cutoff=0.4)
-        msg = f"unknown noise schedule {name!r}"
-        if hint:
-            msg += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
+        msg = (f"unknown noise schedule {name!r}"
+               f"{did_you_mean(str(name), sorted(SCHEDULES), n=3, cutoff=0.4)}")
         msg += f" (known: {', '.join(sorted(SCHEDULES))})"
         raise UnknownScheduleError(msg)
     return cls(**kw)
