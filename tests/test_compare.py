@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.report.compare import Side, compare
+from benchmark.report.compare import Side, compare, render
 from benchmark.report.leaderboard import COLUMNS, write_csv
 from benchmark.report.stats import mcnemar_exact, newcombe_paired, newcombe_unpaired
 
@@ -247,3 +247,60 @@ def test_density_rows_compare_the_detector_survival_rate() -> None:
     gone = _density_frame(rejected=0.9, accepted=0.8).iloc[1:]
     missing = compare(old, Side("new", gone, None))
     assert [(d.attack, d.test) for d in missing if d.test == "missing"] == [("clean", "missing")]
+
+
+# -- epsilons: written in full, matched with a tolerance ------------------------------------
+
+EPS = 8 / 255
+
+
+def _eps_side(eps_in_frame: float, name: str, robust: list[int]) -> Side:
+    """A run-folder side: its CSV rows carry ``eps_in_frame``, its store (outcomes) the exact
+    8/255, as a published ``%.6g`` leaderboard next to its store does."""
+    side = _side(_outcomes(180), robust, name=name)
+    side.frame["eps"] = eps_in_frame
+    assert side.outcomes is not None
+    side.outcomes = {(d, a, t, EPS): o for (d, a, t, _), o in side.outcomes.items()}
+    return side
+
+
+def test_rounded_csv_epsilon_still_matches_and_pairs():
+    rounded = float(f"{EPS:.6g}")
+    assert rounded != EPS  # 0.0313725: what "%.6g" made of 8/255
+    old = _eps_side(rounded, "old", _outcomes(120))
+    new = _eps_side(EPS, "new", _outcomes(100))
+    deltas = compare(old, new, margin=2.0)
+    assert [d.metric for d in deltas] == ["clean", "robust"]  # matched, not "row missing"
+    assert all(d.test == "mcnemar" for d in deltas)  # the store's outcomes were found: paired
+    robust = deltas[1]
+    assert robust.regression and robust.p_value == pytest.approx(2 / 2**20)
+
+
+def test_distinct_epsilons_are_not_merged():
+    old = _eps_side(0.031, "old", _outcomes(120))  # a different epsilon, not a rounding
+    new = _eps_side(EPS, "new", _outcomes(120))
+    assert [d.test for d in compare(old, new)] == ["missing"]
+
+
+def test_write_csv_keeps_epsilons_exact_and_other_numbers_readable(tmp_path):
+    from benchmark.report.leaderboard import read_csv
+
+    frame = _side(_outcomes(180), _outcomes(120)).frame
+    frame["eps"] = EPS
+    frame["robust_acc"] = 1 / 3
+    path = write_csv(frame, tmp_path / "lb.csv")
+    text = path.read_text()
+    assert repr(EPS) in text and ",0.333333," in text
+    back = read_csv(path)
+    assert back["eps"].iloc[0] == EPS  # bit for bit: rows match their jobs
+
+
+def test_output_names_the_test_of_each_row(tmp_path, capsys):
+    old = _csv(tmp_path, _side(_outcomes(180), _outcomes(120)), "old.csv")
+    assert main(["compare", str(old), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "newcombe (unpaired)" in out
+    assert "unpaired: OLD has no per-sample outcomes" in out
+    assert "tests used: 2 newcombe (unpaired)" in out
+    text = render(compare(*(2 * [_side(_outcomes(180), _outcomes(120))])))
+    assert "mcnemar (paired)" in text and "tests used: 2 mcnemar (paired)" in text
