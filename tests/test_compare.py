@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -304,3 +305,22 @@ def test_output_names_the_test_of_each_row(tmp_path, capsys):
     assert "tests used: 2 newcombe (unpaired)" in out
     text = render(compare(*(2 * [_side(_outcomes(180), _outcomes(120))])))
     assert "mcnemar (paired)" in text and "tests used: 2 mcnemar (paired)" in text
+
+
+def test_exchangeable_draws_by_hand_and_calibration():
+    from benchmark.report.stats import exchangeable_draws
+
+    # one sample, K = 3, 4 correct of 6 draws: recorded 3 has probability C(4,3) C(2,0) / C(6,3)
+    # = 4/20; recorded 1 the same, recorded 2 12/20: two-sided p = 8/20
+    assert exchangeable_draws([3], [1], 3) == pytest.approx(8 / 20)
+    assert exchangeable_draws([2], [2], 3) == 1.0
+    assert exchangeable_draws([3, 0], [3, 0], 3) == 1.0  # all or none correct: uninformative
+    # every recorded draw correct, the fresh ones mostly not: not the same defense
+    assert exchangeable_draws([3] * 8, [1, 2, 1, 2, 3, 0, 2, 1], 3) < 1e-3
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(400, 40))
+    ps = np.array([exchangeable_draws(rng.binomial(3, q), rng.binomial(3, q), 3) for q in p])
+    assert (ps < 0.05).mean() <= 0.07  # a genuine submission fails at (at most about) the level
+    big = rng.uniform(size=4000)  # the normal approximation past EXACT_DRAWS
+    assert exchangeable_draws(rng.binomial(10, big), rng.binomial(10, big), 10) > 0.01
+    assert exchangeable_draws(np.full(4000, 10), rng.binomial(10, big), 10) < 1e-6
