@@ -317,7 +317,10 @@ def test_bundle_naming_code_is_rejected_and_the_code_never_runs(
     params = {k: v.format(marker=marker) if isinstance(v, str) else v for k, v in params.items()}
     bad = _forge(bundle, tmp_path, lambda root: _rename_defense(root, name, params))
     # the plan is rebuilt from the trusted suite: the forged jobs are not in it
-    rejected(*verify(capsys, bad, bundle), "plan: 4 of the 4 jobs of the trusted plan")
+    rc, out = verify(capsys, bad, bundle)
+    rejected(rc, out, "plan: 4 jobs of the bundle are not in the trusted plan")
+    assert f"(first: defense 'undefended' = {name!r} / attack" in verdict(out)
+    assert "FAIL  plan: 4 of the 4 jobs of the trusted plan" in out
     # a reviewer who trusts the bundle's own suite still runs nothing: names resolve to
     # registered plug-ins only
     own = _unpack(bad, tmp_path / "own")
@@ -373,7 +376,9 @@ def test_a_bundle_naming_a_shipped_suite_is_checked_against_it(bundle, tmp_path,
     capsys.readouterr()
     rc = main(["verify", str(bad)])
     out = capsys.readouterr().out
-    rejected(rc, out, "jobs of the trusted plan (shipped suite 'quick', limit 8) are missing")
+    rejected(rc, out, "plan: 4 jobs of the bundle are not in the trusted plan (shipped suite "
+                      "'quick', limit 8)")
+    assert "FAIL  plan: 38 of the 38 jobs of the trusted plan" in out
 
 
 # -- correctness: every claimed row has jobs behind it, and every row is claimed -------------

@@ -330,8 +330,13 @@ def _overrides(defenses: list[str] | None, suite: Any) -> tuple[dict[str, str | 
 
 
 def _describe_job(job: dict[str, Any]) -> str:
-    return (f"{job.get('defense')!r} / {job.get('attack')!r} {job.get('threat')!r} "
-            f"eps={job.get('eps')!r}, key {str(job.get('key'))[:12]}")
+    """A bundle's job in words, its names as data (repr), never resolved."""
+    spec = job["spec"]
+    defense = spec.get("defense") if isinstance(spec.get("defense"), dict) else {}
+    attack = spec.get("attack") if isinstance(spec.get("attack"), dict) else {}
+    return (f"defense {defense.get('id')!r} = {defense.get('name')!r} / attack "
+            f"{(attack or {}).get('name', 'clean')!r} {spec.get('threat')!r} "
+            f"eps={spec.get('eps')!r}, key {str(job.get('key'))[:12]}")
 
 
 def _match_plan(plan: Any, content: _Content, source: str, report: Report) -> bool:
@@ -343,12 +348,12 @@ def _match_plan(plan: Any, content: _Content, source: str, report: Report) -> bo
     extra = [k for k in content.jobs if k not in trusted]
     limit = content.limit
     where = f"{source}, {'all samples' if limit is None else f'limit {limit}'}"
-    if missing:
-        report.fail(f"plan: {len(missing)} of the {len(trusted)} jobs of the trusted plan "
-                    f"({where}) are missing from the bundle (first: {missing[0].label()})")
     if extra:
         report.fail(f"plan: {len(extra)} jobs of the bundle are not in the trusted plan "
                     f"({where}) (first: {_describe_job(content.jobs[extra[0]])})")
+    if missing:
+        report.fail(f"plan: {len(missing)} of the {len(trusted)} jobs of the trusted plan "
+                    f"({where}) are missing from the bundle (first: {missing[0].label()})")
     if set(content.plan_jobs) != set(content.jobs) or len(content.plan_jobs) != len(
             content.jobs):
         report.fail("plan.json: its job list is not the bundle's jobs.json")
