@@ -97,13 +97,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     with Store(db) as store:
         frame = build_leaderboard(store, plan, code_version())
     if args.format == "csv":
-        from benchmark.report.cells import csv_safe
+        from benchmark.report.leaderboard import FLOAT_FORMAT, csv_frame
 
-        safe = frame.copy()
-        for col in safe.columns:
-            if safe[col].dtype == object:
-                safe[col] = safe[col].map(csv_safe)
-        safe.to_csv(sys.stdout, index=False, float_format="%.6g")
+        csv_frame(frame).to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
     else:
         print(render_markdown(frame, plan))
     return 0

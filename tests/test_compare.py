@@ -9,11 +9,12 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.report.compare import Side, compare
+from benchmark.report.compare import Side, compare, render
 from benchmark.report.leaderboard import COLUMNS, write_csv
 from benchmark.report.stats import mcnemar_exact, newcombe_paired, newcombe_unpaired
 
@@ -247,3 +248,79 @@ def test_density_rows_compare_the_detector_survival_rate() -> None:
     gone = _density_frame(rejected=0.9, accepted=0.8).iloc[1:]
     missing = compare(old, Side("new", gone, None))
     assert [(d.attack, d.test) for d in missing if d.test == "missing"] == [("clean", "missing")]
+
+
+# -- epsilons: written in full, matched with a tolerance ------------------------------------
+
+EPS = 8 / 255
+
+
+def _eps_side(eps_in_frame: float, name: str, robust: list[int]) -> Side:
+    """A run-folder side: its CSV rows carry ``eps_in_frame``, its store (outcomes) the exact
+    8/255, as a published ``%.6g`` leaderboard next to its store does."""
+    side = _side(_outcomes(180), robust, name=name)
+    side.frame["eps"] = eps_in_frame
+    assert side.outcomes is not None
+    side.outcomes = {(d, a, t, EPS): o for (d, a, t, _), o in side.outcomes.items()}
+    return side
+
+
+def test_rounded_csv_epsilon_still_matches_and_pairs():
+    rounded = float(f"{EPS:.6g}")
+    assert rounded != EPS  # 0.0313725: what "%.6g" made of 8/255
+    old = _eps_side(rounded, "old", _outcomes(120))
+    new = _eps_side(EPS, "new", _outcomes(100))
+    deltas = compare(old, new, margin=2.0)
+    assert [d.metric for d in deltas] == ["clean", "robust"]  # matched, not "row missing"
+    assert all(d.test == "mcnemar" for d in deltas)  # the store's outcomes were found: paired
+    robust = deltas[1]
+    assert robust.regression and robust.p_value == pytest.approx(2 / 2**20)
+
+
+def test_distinct_epsilons_are_not_merged():
+    old = _eps_side(0.031, "old", _outcomes(120))  # a different epsilon, not a rounding
+    new = _eps_side(EPS, "new", _outcomes(120))
+    assert [d.test for d in compare(old, new)] == ["missing"]
+
+
+def test_write_csv_keeps_epsilons_exact_and_other_numbers_readable(tmp_path):
+    from benchmark.report.leaderboard import read_csv
+
+    frame = _side(_outcomes(180), _outcomes(120)).frame
+    frame["eps"] = EPS
+    frame["robust_acc"] = 1 / 3
+    path = write_csv(frame, tmp_path / "lb.csv")
+    text = path.read_text()
+    assert repr(EPS) in text and ",0.333333," in text
+    back = read_csv(path)
+    assert back["eps"].iloc[0] == EPS  # bit for bit: rows match their jobs
+
+
+def test_output_names_the_test_of_each_row(tmp_path, capsys):
+    old = _csv(tmp_path, _side(_outcomes(180), _outcomes(120)), "old.csv")
+    assert main(["compare", str(old), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "newcombe (unpaired)" in out
+    assert "unpaired: OLD has no per-sample outcomes" in out
+    assert "tests used: 2 newcombe (unpaired)" in out
+    text = render(compare(*(2 * [_side(_outcomes(180), _outcomes(120))])))
+    assert "mcnemar (paired)" in text and "tests used: 2 mcnemar (paired)" in text
+
+
+def test_exchangeable_draws_by_hand_and_calibration():
+    from benchmark.report.stats import exchangeable_draws
+
+    # one sample, K = 3, 4 correct of 6 draws: recorded 3 has probability C(4,3) C(2,0) / C(6,3)
+    # = 4/20; recorded 1 the same, recorded 2 12/20: two-sided p = 8/20
+    assert exchangeable_draws([3], [1], 3) == pytest.approx(8 / 20)
+    assert exchangeable_draws([2], [2], 3) == 1.0
+    assert exchangeable_draws([3, 0], [3, 0], 3) == 1.0  # all or none correct: uninformative
+    # every recorded draw correct, the fresh ones mostly not: not the same defense
+    assert exchangeable_draws([3] * 8, [1, 2, 1, 2, 3, 0, 2, 1], 3) < 1e-3
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(400, 40))
+    ps = np.array([exchangeable_draws(rng.binomial(3, q), rng.binomial(3, q), 3) for q in p])
+    assert (ps < 0.05).mean() <= 0.07  # a genuine submission fails at (at most about) the level
+    big = rng.uniform(size=4000)  # the normal approximation past EXACT_DRAWS
+    assert exchangeable_draws(rng.binomial(10, big), rng.binomial(10, big), 10) > 0.01
+    assert exchangeable_draws(np.full(4000, 10), rng.binomial(10, big), 10) < 1e-6

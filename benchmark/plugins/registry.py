@@ -18,6 +18,9 @@ directly as ``package.module:ClassName``.
 Every resolved entry knows where it is defined (:meth:`Registry.definition`: ``module:qualname``
 and ``file:line``) and the distribution (name and version) it came from
 (:meth:`Registry.provenance`); result rows record the latter in ``plugin_versions``.
+
+Inside :func:`registered_only` (what ``genbench verify`` runs under), direct references are
+refused unless the user named them: a name read from someone else's file must not import code.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -70,6 +75,36 @@ class UnknownNameError(KeyError):
 
 class PluginLoadError(ImportError):
     """A lazy entry or a ``module:attr`` reference that could not be imported."""
+
+
+class UntrustedCodeError(PluginLoadError):
+    """A direct ``module:attr`` reference refused under :func:`registered_only`."""
+
+
+#: the direct references allowed in this context; None: any (the default outside verify).
+_ALLOWED_REFS: ContextVar[frozenset[str] | None] = ContextVar("genbench_allowed_refs",
+                                                              default=None)
+
+
+@contextmanager
+def registered_only(allow: Iterable[str] = ()) -> Iterator[None]:
+    """Within the block, every registry resolves registered names (built-in, lazy and
+    entry-point entries) and only the direct ``module:attr`` references listed in ``allow``;
+    any other raises :class:`UntrustedCodeError` before anything is imported."""
+    token = _ALLOWED_REFS.set(frozenset(allow))
+    try:
+        yield
+    finally:
+        _ALLOWED_REFS.reset(token)
+
+
+def _check_direct(kind: str, ref: str) -> None:
+    allowed = _ALLOWED_REFS.get()
+    if allowed is not None and ref not in allowed:
+        raise UntrustedCodeError(
+            f"{kind} {ref!r} is not a registered name, and code that is not registered is only "
+            "imported when you name it (genbench verify: --defense ID=module:Class, or "
+            "--trust-code)")
 
 
 @dataclass(frozen=True)
@@ -224,6 +259,8 @@ class _Entry(Generic[T]):
     provenance: Provenance | None = None
     #: (file, line) of the decorator that registered ``obj``, when it was one
     site: tuple[str, int] | None = None
+    #: resolved from a direct ``module:attr`` reference, not registered
+    direct: bool = False
 
 
 class Registry(Generic[T]):
@@ -360,10 +397,13 @@ class Registry(Generic[T]):
         """Resolve a registered name or a direct ``module:attr`` reference."""
         self._discover()
         entry = self._entries.get(name)
+        if entry is not None and entry.direct:
+            _check_direct(self.kind, name)  # resolved before, outside registered_only
         if entry is None:
             if ":" in name:
+                _check_direct(self.kind, name)
                 direct: T = import_ref(name)
-                self._entries[name] = _Entry(name, obj=direct, ref=name)
+                self._entries[name] = _Entry(name, obj=direct, ref=name, direct=True)
                 return direct
             raise self._unknown(name)
         obj = entry.obj

@@ -9,6 +9,10 @@ from typing import Any
 
 import pandas as pd
 
+#: relative tolerance when matching epsilons: published CSVs wrote them with "%.6g" (8/255
+#: reads back as 0.0313725, at most 5e-6 off, relative); a suite's epsilons differ by far more.
+EPS_RTOL = 1e-5
+
 #: text cells starting with these would run as formulas in a spreadsheet.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -46,3 +50,17 @@ def csv_unsafe(value: Any) -> Any:
 def plugin_versions(jobs: Iterable[Mapping[str, Any]]) -> str:
     """The ``;``-joined, sorted plug-in versions (``dist==version``) of a row's jobs."""
     return ";".join(sorted({v for j in jobs for v in j["plugin_versions"].values()}))
+
+
+def same_eps(a: Any, b: Any) -> bool:
+    """Whether two epsilons are the same up to the rounding of a "%.6g" CSV (both missing counts
+    as the same: a density defense's clean row has none)."""
+    a_missing, b_missing = not is_number(a), not is_number(b)
+    if a_missing or b_missing:
+        return a_missing and b_missing
+    return math.isclose(float(a), float(b), rel_tol=EPS_RTOL, abs_tol=1e-12)
+
+
+def eps_text(value: Any) -> str:
+    """An epsilon as CSV text that reads back as the same float (``repr``); '' when missing."""
+    return repr(float(value)) if is_number(value) else ""

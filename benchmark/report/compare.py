@@ -1,8 +1,9 @@
 """``genbench compare OLD NEW``: per-row differences with statistics, and a regression gate.
 
-Rows are matched on (defense, attack, threat model, epsilon). Density rows compare the detector's
-survival rate (attacked points still accepted, or still rejected) with the unpaired interval
-below. For each matched classifier row and each of clean and robust accuracy the difference
+Rows are matched on (defense, attack, threat model, epsilon), epsilons up to the rounding of
+a ``%.6g`` CSV (published leaderboards wrote 8/255 as 0.0313725). Density rows compare the
+detector's survival rate (attacked points still accepted, or still rejected) with the unpaired
+interval below. For each matched classifier row and each of clean and robust accuracy the difference
 ``new - old`` is reported with a 95% interval:
 
 * **paired**, when both sides are run folders whose store scored the same sample ids for the
@@ -12,6 +13,8 @@ below. For each matched classifier row and each of clean and robust accuracy the
   and Newcombe's score interval for a paired difference (Newcombe 1998b, method 10);
 * **unpaired** otherwise (CSV inputs, different samples): Newcombe's hybrid score interval from
   the two Wilson intervals (Newcombe 1998a, method 10), significant when it excludes 0.
+
+Each row of the output names its test, and an unpaired row says why it could not be paired.
 
 ``--fail-on-regression`` exits 1 when an accuracy got worse, significantly at 5%, by more than
 ``--margin`` percentage points, when a row of OLD is missing in NEW, or when a row that had
@@ -24,14 +27,16 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.report.cells import csv_unsafe, pct
+from benchmark.report.cells import csv_unsafe, pct, same_eps
 from benchmark.report.evidence import RowKey, majority, row_key, sample_counts
 from benchmark.report.stats import mcnemar_exact, newcombe_paired, newcombe_unpaired
 
@@ -39,6 +44,44 @@ ALPHA = 0.05
 EXIT_REGRESSION = 1
 KEY = ("defense", "attack", "threat_model", "eps")
 METRICS = (("clean", "clean_acc"), ("robust", "robust_acc"))
+#: how each test is named in the output
+TEST_NAMES = {"mcnemar": "mcnemar (paired)", "newcombe": "newcombe (unpaired)"}
+
+V = TypeVar("V")
+
+
+class RowIndex(Mapping[RowKey, V]):
+    """Rows by key, looked up with epsilons matched up to a ``%.6g`` CSV's rounding
+    (:func:`benchmark.report.cells.same_eps`): a run's store has 8/255 exactly, a published
+    CSV 0.0313725."""
+
+    def __init__(self, items: Mapping[RowKey, V]) -> None:
+        self._exact = dict(items)
+        self._by_cell: dict[tuple[str, str, str], list[RowKey]] = defaultdict(list)
+        for key in self._exact:
+            self._by_cell[key[:3]].append(key)
+
+    def find(self, key: RowKey) -> RowKey | None:
+        """The stored key matching ``key`` (the nearest epsilon within tolerance), or None."""
+        if key in self._exact:
+            return key
+        near = [k for k in self._by_cell.get(key[:3], []) if same_eps(k[3], key[3])]
+        return min(near, key=lambda k: abs(k[3] - key[3])) if near else None
+
+    def __getitem__(self, key: object) -> V:
+        found = self.find(key) if isinstance(key, tuple) else None  # type: ignore[arg-type]
+        if found is None:
+            raise KeyError(key)
+        return self._exact[found]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and self.find(key) is not None  # type: ignore[arg-type]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._exact)
+
+    def __len__(self) -> int:
+        return len(self._exact)
 
 
 
@@ -138,7 +181,9 @@ def compare(old: Side, new: Side, *, margin: float = 0.0) -> list[Delta]:
     """Per-row, per-metric differences of ``new`` against ``old``."""
     if margin < 0:
         raise ValueError(f"--margin must be >= 0 percentage points, got {margin}")
-    new_rows = {row_key(r): r for _, r in new.frame.iterrows()}
+    new_rows = RowIndex({row_key(r): r for _, r in new.frame.iterrows()})
+    old_out = RowIndex(old.outcomes) if old.outcomes else None
+    new_out = RowIndex(new.outcomes) if new.outcomes else None
     out: list[Delta] = []
     for _, o in old.frame.iterrows():
         key = row_key(o)
@@ -178,8 +223,8 @@ def compare(old: Side, new: Side, *, margin: float = 0.0) -> list[Delta]:
                              n_old=n_old, n_new=n_new, regression=True,
                              note="row errored in NEW"))
             continue
-        paired_o = old.outcomes.get(key) if old.outcomes else None
-        paired_n = new.outcomes.get(key) if new.outcomes else None
+        paired_o = old_out.get(key) if old_out is not None else None
+        paired_n = new_out.get(key) if new_out is not None else None
         for metric, col in METRICS:
             if pd.isna(o[col]) or pd.isna(r[col]):
                 continue
@@ -202,10 +247,23 @@ def compare(old: Side, new: Side, *, margin: float = 0.0) -> list[Delta]:
                                                  n_old)
                 delta = Delta(**base, metric=metric, old=ov, new=nv, diff=diff, ci_low=lo,
                               ci_high=hi, test="newcombe", p_value=math.nan, n_old=n_old,
-                              n_new=n_new, regression=False)
+                              n_new=n_new, regression=False,
+                              note="unpaired: " + _why_unpaired(old, new, paired_o, paired_n,
+                                                               metric))
             delta.regression = _significant_drop(delta, margin)
             out.append(delta)
     return out
+
+
+def _why_unpaired(old: Side, new: Side, paired_o: Any, paired_n: Any, metric: str) -> str:
+    for side, paired, name in ((old, paired_o, "OLD"), (new, paired_n, "NEW")):
+        if side.outcomes is None:
+            return f"{name} has no per-sample outcomes (a CSV, or a run folder without its store)"
+        if paired is None:
+            return f"{name}'s store has no per-sample outcomes for this row"
+    if not paired_o[metric]:
+        return "no samples"
+    return "the two sides scored different sample ids"
 
 
 # -- output -------------------------------------------------------------------------------
@@ -225,13 +283,17 @@ def render(deltas: list[Delta], *, tablefmt: str = "simple", margin: float = 0.0
                                                             and d.ci_low > 0)) else "")
         rows.append([d.defense, d.attack, d.threat_model, f"{d.eps:g}" if d.eps >= 0 else "",
                      d.metric, pct(d.old),
-                     pct(d.new), _pp(d.diff), ci, d.test, p, verdict, d.note])
+                     pct(d.new), _pp(d.diff), ci, TEST_NAMES.get(d.test, d.test), p, verdict,
+                     d.note])
     table = tabulate(rows, headers=["defense", "attack", "threat", "eps", "metric", "old %",
                                     "new %", "diff pp", "95% CI pp", "test", "p", "verdict",
                                     "note"], tablefmt=tablefmt, disable_numparse=True)
     n_reg = sum(d.regression for d in deltas)
+    tests = Counter(d.test for d in deltas)
+    used = ", ".join(f"{tests[t]} {TEST_NAMES[t]}" for t in TEST_NAMES if tests[t])
     summary = (f"{n_reg} regression(s) of {len(deltas)} comparisons (worse, significant at 5%, "
-               f"by more than {margin:g} pp; or missing/errored rows); OLD={old}, NEW={new}")
+               f"by more than {margin:g} pp; or missing/errored rows); OLD={old}, NEW={new}"
+               + (f"\ntests used: {used}" if used else ""))
     return f"{table}\n\n{summary}\n"
 
 

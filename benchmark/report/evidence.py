@@ -51,15 +51,22 @@ def sample_counts(store: Store, keys: list[str] | None = None
     """Per-sample correct-counts from the store's finished jobs (``keys``: the plan's jobs):
     ``(clean, robust, k)`` keyed by row, where ``clean`` and ``robust`` map sample ids to the
     clean and ``min(clean, adversarial)`` counts, and ``worst_case`` rows take the minimum over
-    the attacks, exactly as :mod:`benchmark.report.leaderboard` scores them."""
+    the attacks, diagnostic ones (fixed-noise) left out, exactly as
+    :mod:`benchmark.report.leaderboard` scores them."""
+    from benchmark.plugins.traits import is_diagnostic
+
     jobs = [j for j in store.jobs(keys) if j["status"] == "done"]
     samples = store.samples(j["key"] for j in jobs)
     clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     adv: dict[tuple[str, str, str, str, float], dict[int, int]] = defaultdict(dict)
     k_of: dict[tuple[str, str], int] = {}
+    diagnostic: set[str] = set()
     for job in jobs:
         dkey = (job["defense"], json.dumps(job["spec"]["defense_params"], sort_keys=True))
         k_of[dkey] = job["k"]
+        attack = job["spec"].get("attack")
+        if attack and is_diagnostic(attack["name"]):
+            diagnostic.add(job["attack"])
         target = clean[dkey] if job["attack"] == CLEAN else adv[
             (*dkey, job["attack"], job["threat"], float(job["eps"]))]
         for sid, correct, _, _ in samples[job["key"]]:
@@ -70,7 +77,9 @@ def sample_counts(store: Store, keys: list[str] | None = None
     for (did, dparams, aid, threat, eps), counts in adv.items():
         dkey = (did, dparams)
         robust = {s: min(clean[dkey].get(s, 0), c) for s, c in counts.items()}
-        for key in ((did, aid, threat, eps), (did, WORST, threat, eps)):
+        keys = [(did, aid, threat, eps)] + ([] if aid in diagnostic else
+                                            [(did, WORST, threat, eps)])
+        for key in keys:
             if key[1] == WORST and key in out_robust:
                 cell = out_robust[key]
                 for s, c in robust.items():

@@ -25,7 +25,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.plugins.traits import is_diagnostic
-from benchmark.report.cells import csv_safe, pct, plugin_versions
+from benchmark.report.cells import csv_safe, eps_text, pct, plugin_versions
 from benchmark.report.density import DENSITY_COLUMNS, density_flags, density_rows, load_density
 from benchmark.report.evidence import WORST, FlagEvidence, collect_evidence
 from benchmark.report.flags import compute_flags
@@ -212,14 +212,31 @@ def _base_row(suite: Any, plan: Plan, spec: dict[str, Any], code_version: str) -
 
 # -- output --------------------------------------------------------------------------------
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
-    path = Path(path)
+#: numbers of a leaderboard CSV; epsilons are written in full instead (:func:`csv_frame`).
+FLOAT_FORMAT = "%.6g"
+#: columns written at full precision (``repr``): rows are matched to their jobs on them.
+EXACT_COLUMNS = ("eps",)
+
+
+def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` ready for ``to_csv(float_format=FLOAT_FORMAT)``: text cells spreadsheet-safe and
+    epsilons as text that reads back as the same float (``%.6g`` made 8/255 read back as
+    0.0313725, which no job has); the other numbers stay readable."""
     safe = frame.copy()
     for col in safe.columns:
         if safe[col].dtype == object:
             safe[col] = safe[col].map(csv_safe)
+    for col in EXACT_COLUMNS:
+        if col in safe.columns:
+            safe[col] = safe[col].map(eps_text).astype(object)
+    return safe
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
     tmp = path.with_suffix(".csv.tmp")
-    safe.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.6g")
+    csv_frame(frame).to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL,
+                            float_format=FLOAT_FORMAT)
     tmp.replace(path)
     return path
 

@@ -132,3 +132,47 @@ def newcombe_paired(a: int, b: int, c: int, d: int) -> tuple[float, float, float
     dl = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
     du = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
     return diff, diff - math.sqrt(max(dl, 0.0)), diff + math.sqrt(max(du, 0.0))
+
+
+#: largest (informative samples x K) for which :func:`exchangeable_draws` is exact
+EXACT_DRAWS = 20_000
+
+
+def exchangeable_draws(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Two-sided p-value that two sets of K draws per sample are exchangeable: ``a[i]`` and
+    ``b[i]`` count the correct ones among K draws each of sample i (say, a submission's recorded
+    draws and a verifier's fresh ones of the same input).
+
+    Conditional exact test: given the ``t = a + b`` correct draws among the 2K of a sample,
+    ``a`` is hypergeometric (2K draws, t correct, K drawn) under the null, independently across
+    samples; the statistic is ``sum(a)``, its null distribution the convolution, and the p-value
+    the probability of an outcome no more likely than the observed one. Samples with all draws
+    correct or all wrong say nothing and drop out. A normal approximation (with continuity
+    correction) takes over past :data:`EXACT_DRAWS`."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if k < 1 or a.shape != b.shape:
+        raise ValueError("need k >= 1 and one count of each side per sample")
+    if a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) > k):
+        raise ValueError(f"counts must lie in [0, {k}]")
+    t = a + b
+    keep = (t > 0) & (t < 2 * k)
+    a, t = a[keep], t[keep]
+    if not a.size:
+        return 1.0
+    if a.size * k > EXACT_DRAWS:
+        q = t / (2 * k)
+        mean = float((k * q).sum())
+        var = float((k * q * (1 - q) * k / (2 * k - 1)).sum())
+        z = max(0.0, abs(float(a.sum()) - mean) - 0.5) / math.sqrt(var)
+        return min(1.0, math.erfc(z / math.sqrt(2)))
+    total = math.comb(2 * k, k)
+    pmf = np.ones(1)
+    offset = 0
+    for ti in t.tolist():
+        lo, hi = max(0, ti - k), min(ti, k)
+        p = np.array([math.comb(ti, x) * math.comb(2 * k - ti, k - x) / total
+                      for x in range(lo, hi + 1)])
+        pmf = np.convolve(pmf, p)
+        offset += lo
+    observed = pmf[int(a.sum()) - offset]
+    return min(1.0, float(pmf[pmf <= observed * (1 + 1e-9)].sum()))
