@@ -172,12 +172,27 @@ def test_gradient_diagnostics_oracles():
 
 
 def test_blackbox_rows_recognised():
+    """Black-box rows are known by the plug-in's declared traits, never by name: a registered
+    gradient-free attack is one whatever it is called, and an unknown name called "square"
+    is not."""
+    from benchmark.api.attack import Attack
+    from benchmark.plugins import ATTACKS
+
     def row(name: str, params: dict) -> dict:
         return {"attack_name": name, "attack_params": json.dumps(params)}
 
+    class QueryOnly(Attack):
+        name = "query-only-toy"
+        gradient = "none"
+
+        def run(self, defense, x, y, threat, *, generator=None):
+            raise NotImplementedError
+
+    ATTACKS.add("query-only-toy", QueryOnly, override=True)
     assert is_blackbox(row("torchattacks", {"attack": "Square", "n_queries": 10}))
     assert is_blackbox(row("autoattack", {"version": "custom", "attacks": ["square"]}))
-    assert is_blackbox(row("square", {}))
+    assert is_blackbox(row("query-only-toy", {}))
+    assert not is_blackbox(row("square", {}))  # not registered: nothing is known of it
     assert not is_blackbox(row("autoattack", {"version": "standard"}))
     assert not is_blackbox(row("torchattacks", {"attack": "PGD"}))
 
