@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from attacks._ascent import check_choice, check_real
 from attacks.pgd import PGD
 from benchmark.api.attack import Attack, AttackResult, Budget
-from benchmark.api.defense import has_capability
+from benchmark.api.defense import Defense, has_capability
 from benchmark.api.threat import ThreatModel
 from benchmark.plugins import register_attack
 
@@ -56,7 +56,10 @@ THROUGH = ("head", "defense")
 
 def _head_forward(defense: nn.Module) -> Any:
     """The paper's eq. 10 classifier: the defense's ``head`` on the input (no purification)."""
-    return defense.head if has_capability(defense, "head") else defense
+    if isinstance(defense, Defense):  # Defense.head always exists: use the declared capability
+        return defense.head if has_capability(defense, "head") else defense
+    head = getattr(defense, "head", None)  # a plain module with a head method
+    return head if callable(head) else defense
 
 
 @register_attack("lagrange")
