@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from benchmark.spec.jobs import JobResult, JobSpec, SampleOutcome
-from benchmark.spec.suite import PluginSpec
+from benchmark.spec.suite import NO_PARAMS, PluginSpec, freeze
 from benchmark.store import Store, StoreError
 
 
 def job(ids=(1, 2, 3)) -> JobSpec:
-    return JobSpec(suite="s", dataset="digits", dataset_params=(), subset_id="x", subset_hash="h",
-                   defense=PluginSpec("d", "undefended"), defense_params=(),
-                   attack=PluginSpec("a", "pgd", (("steps", 3),)), threat="linf", eps=0.1,
+    return JobSpec(suite="s", dataset="digits", dataset_params=NO_PARAMS, subset_id="x",
+                   subset_hash="h",
+                   defense=PluginSpec("d", "undefended"), defense_params=NO_PARAMS,
+                   attack=PluginSpec("a", "pgd", freeze({"steps": 3})), threat="linf", eps=0.1,
                    sample_ids=tuple(ids), seed=0, k_draws=1, batch_size=10)
 
 
@@ -23,7 +24,7 @@ def result(j: JobSpec, correct=1) -> JobResult:
 
 def test_job_key_is_stable_and_budget_sensitive():
     assert job().key == job().key
-    other = JobSpec(**{**job().__dict__, "attack": PluginSpec("a", "pgd", (("steps", 4),))})
+    other = JobSpec(**{**job().__dict__, "attack": PluginSpec("a", "pgd", freeze({"steps": 4}))})
     assert other.key != job().key
     assert job().run_seed == job().run_seed
 

@@ -27,11 +27,11 @@ CLEAN = "clean"
 class JobSpec:
     suite: str
     dataset: str
-    dataset_params: tuple[tuple[str, Any], ...]
+    dataset_params: str  # canonical JSON (benchmark.spec.suite.freeze)
     subset_id: str
     subset_hash: str
     defense: PluginSpec
-    defense_params: tuple[tuple[str, Any], ...]
+    defense_params: str  # canonical JSON: the defense's params for this job's threat model
     attack: PluginSpec | None
     threat: str | None
     eps: float | None
@@ -51,8 +51,8 @@ class JobSpec:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["defense_params"] = thaw(self.defense_params) or {}
-        d["dataset_params"] = thaw(self.dataset_params) or {}
+        d["defense_params"] = thaw(self.defense_params)
+        d["dataset_params"] = thaw(self.dataset_params)
         d["defense"] = self.defense.to_json()
         d["attack"] = None if self.attack is None else self.attack.to_json()
         d["sample_ids"] = list(self.sample_ids)
@@ -70,7 +70,7 @@ class JobSpec:
 
     def build_defense(self, cache: DefenseCache, device: torch.device) -> nn.Module:
         """This job's defense, from ``cache`` (built on first use)."""
-        return cache.get(self.defense.name, thaw(self.defense_params) or {}, device,
+        return cache.get(self.defense.name, thaw(self.defense_params), device,
                          key=self.defense_params)
 
     def label(self) -> str:

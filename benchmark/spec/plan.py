@@ -74,7 +74,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
     for d in suite.defenses:
         mine = ids[:d.limit] if d.limit else ids  # a defense's `limit`: its first samples only
         shards = [mine[i:i + suite.shard_size] for i in range(0, len(mine), suite.shard_size)]
-        clean_done: set[tuple[Any, ...]] = set()
+        clean_done: set[str] = set()
         for t in suite.threat_models:
             params = freeze(d.kwargs(t.name))
             probe = JobSpec(defense=d, defense_params=params, attack=None, threat=None, eps=None,
