@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.report.leaderboard import build_leaderboard, render_markdown
+    from benchmark.spec.fingerprint import KEY_VERSION
     from benchmark.spec.plan import plan_suite
     from benchmark.spec.suite import parse_suite
     from benchmark.store import Store
@@ -94,6 +95,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     plan = plan_suite(suite, limit=limit)
     with Store(db) as store:
         frame = build_leaderboard(store, plan, code_version())
+        keyed = store.get_meta("job_key_version")
+        n_stored = len(store.finished_keys())
+    if frame.empty and n_stored and keyed != str(KEY_VERSION):
+        raise CLIError(f"{run}: its {n_stored} jobs were keyed by job-key version {keyed or 1}, "
+                       f"this code keys jobs by version {KEY_VERSION}, so none of them is found "
+                       f"(their leaderboard.csv still holds their results); run `genbench run` "
+                       f"on it again to recompute them under the current keys")
     if args.format == "csv":
         from benchmark.report.cells import csv_safe
 

@@ -310,3 +310,39 @@ def test_process_workers_exit_when_the_driver_dies(tmp_path):
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(pid), "the orphaned worker is still running"
+
+
+def test_renamed_ids_resume_under_the_new_labels_and_twins_run_once(tmp_path):
+    """Job keys hold no display label: renaming a suite, a defense or an attack resumes the
+    stored jobs and relabels them; two entries that differ only by id are computed once and
+    reported under both ids."""
+    attacks = ('[[attacks]]\nname = "pgd"\nid = "pgd-a"\nparams = { steps = 2 }\n'
+               '[[attacks]]\nname = "pgd"\nid = "pgd-b"\nparams = { steps = 2 }\n')
+    text = suite_text('[[defenses]]\nname = "undefended"\nid = "cnn"\n', attacks=attacks,
+                      eps="[0.1]")
+    out = tmp_path / "out"
+    first = run_suite(parse_suite(text, "a.toml"), out, limit=4, progress="none",
+                      log=lambda m: None)
+    assert first.total_jobs == 3 and first.ran == 2  # clean + one pgd job for both ids
+    frame = read_csv(write_tables(first.out, first.plan).csv).set_index("attack")
+    assert frame.loc["pgd-a", "robust_acc"] == frame.loc["pgd-b", "robust_acc"]
+    assert frame.loc["pgd-a", "n"] == 4 and set(frame.defense) == {"cnn"}
+
+    renamed = (text.replace('name = "t"', 'name = "renamed"')
+               .replace('id = "cnn"', 'id = "the-cnn"').replace('id = "pgd-a"', 'id = "pgd-x"'))
+    said: list[str] = []
+    again = run_suite(parse_suite(renamed, "b.toml"), out, limit=4, progress="none",
+                      log=said.append)
+    assert again.ran == 0 and again.resumed == 3
+    assert any("relabelled" in m for m in said), said
+    table = read_csv(write_tables(again.out, again.plan).csv)
+    assert set(table.defense) == {"the-cnn"} and set(table.suite) == {"renamed"}
+    assert {"pgd-x", "pgd-b", "worst_case"} <= set(table.attack)
+    before = frame.reset_index()
+    for attack, old in (("pgd-x", "pgd-a"), ("pgd-b", "pgd-b")):
+        assert table.set_index("attack").loc[attack, "robust_acc"] == \
+            before.set_index("attack").loc[old, "robust_acc"]
+    with sqlite3.connect(out / "runs.sqlite") as conn:
+        assert {d for (d,) in conn.execute("SELECT defense FROM jobs")} == {"the-cnn"}
+        assert conn.execute("SELECT value FROM meta WHERE key='job_key_version'").fetchone() \
+            == ("2",)

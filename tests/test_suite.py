@@ -246,3 +246,75 @@ def test_dates_in_params_are_a_clear_error():
     bad = GOOD.replace("params = { steps = 3 }", "params = { when = 1979-05-27 }")
     with pytest.raises(SuiteError, match=r"attacks\[0\]\.params.*dates and times"):
         parse_suite(bad, "date.toml")
+
+
+KEYED = """
+[suite]
+name = "keyed"
+dataset = "digits"
+subset = "test100-v1"
+shard_size = 2
+
+[[defenses]]
+name = "undefended"
+id = "cnn"
+
+[[attacks]]
+name = "pgd"
+id = "pgd-ce"
+params = { steps = 2 }
+defenses = ["cnn"]
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+"""
+
+
+def _keys(text: str) -> list[str]:
+    from benchmark.spec.plan import plan_suite
+
+    return [j.key for j in plan_suite(parse_suite(text, "keyed.toml"), limit=4).jobs]
+
+
+def test_renaming_ids_or_the_suite_keeps_the_job_keys():
+    base = _keys(KEYED)
+    assert len(base) == 4 and len(set(base)) == 4  # 2 shards x (clean, pgd)
+    renamed = (KEYED.replace('name = "keyed"', 'name = "renamed"')
+               .replace('id = "cnn"', 'id = "the-cnn"').replace('["cnn"]', '["the-cnn"]')
+               .replace('id = "pgd-ce"', 'id = "pgd-2"'))
+    assert _keys(renamed) == base
+
+
+def test_job_keys_change_with_weights_versions_and_resolved_defaults(monkeypatch):
+    import attacks.pgd
+    import defenses.baseline
+    from benchmark.plugins.builtin import ATTACKS, DEFENSES
+    from benchmark.plugins.registry import Provenance
+    from benchmark.spec import fingerprint
+
+    base = _keys(KEYED)
+    clean, attacked = set(base[:2]), set(base[2:])
+    # a retrained model: the manifest's sha256 of the weights the defense's default names
+    real = fingerprint.zoo_hashes()
+    with monkeypatch.context() as m:
+        m.setattr(fingerprint, "zoo_hashes", lambda: {**real, "digits-cnn": "0" * 64})
+        assert set(_keys(KEYED)).isdisjoint(base)
+    # a new version of the attack plug-in: its jobs change, the clean ones do not
+    with monkeypatch.context() as m:
+        m.setattr(ATTACKS, "provenance", lambda name: Provenance("genbench", "9.9"))
+        keys = set(_keys(KEYED))
+        assert clean <= keys and keys.isdisjoint(attacked)
+    with monkeypatch.context() as m:
+        m.setattr(DEFENSES, "provenance", lambda name: Provenance("genbench", "9.9"))
+        assert set(_keys(KEYED)).isdisjoint(base)
+    # a new default of the attack, which the suite does not set (PGD's random_start)
+    with monkeypatch.context() as m:
+        m.setitem(attacks.pgd.PGD.__init__.__kwdefaults__, "random_start", False)
+        keys = set(_keys(KEYED))
+        assert clean <= keys and keys.isdisjoint(attacked)
+    # a new default of the defense (another zoo model): new defaults and new weights
+    with monkeypatch.context() as m:
+        m.setitem(defenses.baseline.Undefended.__init__.__kwdefaults__, "model", "digits-cnn-at")
+        assert set(_keys(KEYED)).isdisjoint(base)
+    assert _keys(KEYED) == base

@@ -195,8 +195,7 @@ def _stack(rows: list[dict[str, Any]], steps: np.ndarray | None) -> Samples:
 def load_density(store: Store, plan: Plan) -> DensityData:
     """The density jobs of ``plan`` (defenses whose kind is "density") from ``store``."""
     dens = {d for d, k in plan.kinds.items() if k == "density"}
-    keys = [j.key for j in plan.jobs if j.defense.id in dens]
-    jobs = store.jobs(keys)
+    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id in dens)
     per_job = store.density(j["key"] for j in jobs if j["status"] == "done")
     data = DensityData()
     clean_rows: dict[DefenseKey, list[dict[str, Any]]] = defaultdict(list)

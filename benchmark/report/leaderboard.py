@@ -56,9 +56,8 @@ def _group_key(job: dict[str, Any]) -> tuple[str, str]:
 def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFrame:
     """Rows for the plan's jobs, from the store (missing jobs are simply absent)."""
     density_ids = {d for d, kind in plan.kinds.items() if kind == "density"}
-    keys = [j.key for j in plan.jobs if j.defense.id not in density_ids]
-    jobs = store.jobs(keys)
-    samples = store.samples(r["key"] for r in jobs)
+    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id not in density_ids)
+    samples = store.samples({r["key"] for r in jobs})
     suite = plan.suite
 
     clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmark.run.executors import make_executor
+from benchmark.spec.fingerprint import KEY_VERSION
 from benchmark.spec.plan import Plan, plan_suite
 from benchmark.spec.suite import Suite
 from benchmark.store import Store
@@ -45,6 +46,18 @@ def _backup(path: Path) -> None:
         p = Path(str(path) + suffix)
         if p.exists():
             shutil.move(str(p), str(p) + f".{stamp}.bak")
+
+
+def _check_key_version(store: Store, stored: list[dict[str, Any]], db: Path,
+                       say: Callable[[str], None]) -> None:
+    """Record the job-key version in the store; say so when its jobs were keyed otherwise
+    (they cannot resume: every job of the plan is computed again, next to them)."""
+    have = store.get_meta("job_key_version")
+    if stored and have != str(KEY_VERSION):
+        say(f"warning: the {len(stored)} jobs in {db} were keyed by job-key version "
+            f"{have or 1}, this code keys by version {KEY_VERSION}: none of them resumes and "
+            "the plan's jobs are computed again (use --fresh, or another --out, to start clean)")
+    store.set_meta("job_key_version", str(KEY_VERSION))
 
 
 def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
@@ -75,11 +88,17 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
     version = code_version()
     with Store(db) as store:
         store.set_meta("suite", suite.name)
-        finished = {r["key"] for r in store.jobs() if r["status"] == "done" or not retry_errors}
-        todo = [j for j in plan.jobs if j.key not in finished]
-        resumed = len(plan.jobs) - len(todo)
+        stored = store.jobs()
+        _check_key_version(store, stored, db, say)
+        finished = {r["key"] for r in stored if r["status"] == "done" or not retry_errors}
+        # entries that differ only by their ids share a key: computed once, shown under each
+        todo = list({j.key: j for j in plan.jobs if j.key not in finished}.values())
+        resumed = len(plan.jobs) - len([j for j in plan.jobs if j.key not in finished])
         if resumed:
             say(f"resuming: {resumed} of {len(plan.jobs)} jobs already in {db}")
+            relabelled = store.relabel(j for j in plan.jobs if j.key in finished)
+            if relabelled:
+                say(f"relabelled {relabelled} stored jobs with the suite's current ids")
         for d, a, t, why in dict.fromkeys((s["defense"], s["attack"], s["threat_model"],
                                           s["reason"]) for s in plan.skipped):
             say(f"skipped: {d} / {a} / {t}: {why}")

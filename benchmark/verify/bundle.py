@@ -97,9 +97,10 @@ def make_bundle(run: str | Path, out: str | Path) -> dict[str, Any]:
     shape = load_dataset(suite.dataset, **(thaw(suite.dataset_params) or {})).image_shape
     files: dict[str, bytes] = {n: (run / n).read_bytes()
                                for n in ("suite.toml", "plan.json", "leaderboard.csv")}
-    keys = [j.key for j in plan.jobs]
+    keys = list(dict.fromkeys(j.key for j in plan.jobs))
     with Store(run / "runs.sqlite") as store:
-        jobs = store.jobs(keys)
+        # one entry per job key, labelled by the plan (its first label when ids share a key)
+        jobs = list({j["key"]: j for j in reversed(store.jobs_of(plan.jobs))}.values())[::-1]
         missing = set(keys) - {j["key"] for j in jobs}
         if missing:
             raise BundleError(f"{len(missing)} of {len(keys)} jobs of the plan are not in the "
@@ -219,9 +220,21 @@ def _check_manifest(root: Path, names: list[str], report: Report) -> dict[str, A
     return manifest
 
 
+def _spec_key(spec: dict[str, Any]) -> str:
+    """The key a stored job spec hashes to. Specs without ``resolved`` were stored before job
+    keys left display labels out (key version 1): their key is the hash of the whole spec."""
+    if "resolved" not in spec:
+        import hashlib
+
+        from benchmark.spec.suite import canonical_json
+
+        return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+    return str(_job_spec(spec).key)
+
+
 def _job_spec(spec: dict[str, Any]) -> Any:
     from benchmark.spec.jobs import JobSpec
-    from benchmark.spec.suite import PluginSpec, freeze
+    from benchmark.spec.suite import NO_PARAMS, PluginSpec, freeze
 
     def plugin(d: dict[str, Any] | None) -> PluginSpec | None:
         return None if d is None else PluginSpec(d["id"], d["name"], freeze(d["params"]))
@@ -234,7 +247,8 @@ def _job_spec(spec: dict[str, Any]) -> Any:
                    defense_params=freeze(spec["defense_params"]), attack=plugin(spec["attack"]),
                    threat=spec["threat"], eps=spec["eps"], sample_ids=tuple(spec["sample_ids"]),
                    seed=spec["seed"], k_draws=spec["k_draws"], batch_size=spec["batch_size"],
-                   shard=spec["shard"])
+                   shard=spec["shard"],
+                   resolved=freeze(spec["resolved"]) if "resolved" in spec else NO_PARAMS)
 
 
 def _claims(root: Path) -> list[dict[str, Any]]:
@@ -269,7 +283,7 @@ def verify_bundle(bundle: str | Path, *, defenses: list[str] | None = None,
         _check_manifest(root, names, report)
         jobs = json.loads((root / "jobs.json").read_text())
         specs = {j["key"]: _job_spec(j["spec"]) for j in jobs}
-        bad_keys = [k for k, s in specs.items() if s.key != k]
+        bad_keys = [j["key"] for j in jobs if _spec_key(j["spec"]) != j["key"]]
         if bad_keys:
             report.fail(f"jobs.json: {len(bad_keys)} job specs do not hash to their key "
                         f"(first {bad_keys[0][:12]})")
