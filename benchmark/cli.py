@@ -66,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = args.progress or default_progress()
     summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
                         device=args.device, limit=args.limit, fresh=args.fresh,
-                        retry_errors=args.retry_errors, progress=progress,
+                        retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
+                        progress=progress,
                         ray_address=getattr(args, "ray_address", None))
     tables = write_tables(summary.out, summary.plan)
     print(render_markdown(read_csv(tables.csv)))
@@ -82,7 +83,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.spec.plan import plan_suite
     from benchmark.spec.suite import parse_suite
     from benchmark.store import Store
-    from benchmark.version import code_version
 
     run = Path(args.run)
     db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
@@ -94,7 +94,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     limit = json.loads(plan_file.read_text()).get("limit")
     plan = plan_suite(suite, limit=limit)
     with Store(db) as store:
-        frame = build_leaderboard(store, plan, code_version())
+        frame = build_leaderboard(store, plan)
         keyed = store.get_meta("job_key_version")
         n_stored = len(store.finished_keys())
     if frame.empty and n_stored and keyed != str(KEY_VERSION):
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over (the previous store is moved aside, not deleted)")
     run.add_argument("--retry-errors", action="store_true", help="re-run jobs that errored")
+    run.add_argument("--rerun-stale", action="store_true", dest="rerun_stale",
+                     help="re-run stored jobs whose code version differs from the current one "
+                          "(rows mixing versions are flagged mixed_code_versions)")
     run.add_argument("--progress", choices=["bar", "plain", "none"],
                      help="progress display (default: bar on a terminal, plain otherwise)")
     run.set_defaults(func=cmd_run)

@@ -346,3 +346,46 @@ def test_renamed_ids_resume_under_the_new_labels_and_twins_run_once(tmp_path):
         assert {d for (d,) in conn.execute("SELECT defense FROM jobs")} == {"the-cnn"}
         assert conn.execute("SELECT value FROM meta WHERE key='job_key_version'").fetchone() \
             == ("2",)
+
+
+def test_rows_report_their_jobs_code_versions_and_rerun_stale(tmp_path, monkeypatch):
+    """A resumed run mixes jobs of two code versions: each row names the versions of its own
+    jobs (flag mixed_code_versions); --rerun-stale recomputes the older jobs."""
+    import benchmark.run.harness as harness
+
+    suite = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n', eps="[0.1]"), "t.toml")
+    out = tmp_path / "out"
+    quiet = dict(limit=8, progress="none", log=lambda m: None)
+    monkeypatch.setattr(harness, "code_version", lambda: "0.1.0+gold")
+    first = run_suite(suite, out, **quiet)
+    assert first.ran == 4  # clean and pgd on 2 shards of 4
+    # newer code resumes the run after one job was lost
+    pgd = [j.key for j in first.plan.jobs if j.attack is not None]
+    with sqlite3.connect(out / "runs.sqlite") as conn:
+        conn.execute("DELETE FROM samples WHERE job=?", (pgd[1],))
+        conn.execute("DELETE FROM jobs WHERE key=?", (pgd[1],))
+    monkeypatch.setattr(harness, "code_version", lambda: "0.1.0+gnew")
+    second = run_suite(suite, out, **quiet)
+    assert second.ran == 1
+    frame = read_csv(write_tables(second.out, second.plan).csv).set_index("attack")
+    assert frame.loc["pgd", "code_version"] == "0.1.0+gnew;0.1.0+gold"
+    assert frame.loc["worst_case", "code_version"] == "0.1.0+gnew;0.1.0+gold"
+    assert "mixed_code_versions" in frame.loc["pgd", "flags"].split(";")
+    assert "0.1.0+gnew, 0.1.0+gold" in (out / "leaderboard.md").read_text()
+    # --rerun-stale: the old jobs are recomputed, the rows are of one version again
+    said: list[str] = []
+    third = run_suite(suite, out, rerun_stale=True, **{**quiet, "log": said.append})
+    assert third.ran == 3 and third.resumed == 1
+    assert any("--rerun-stale: 3 stored jobs of code 0.1.0+gold" in m for m in said), said
+    frame = read_csv(write_tables(third.out, third.plan).csv)
+    assert set(frame.code_version) == {"0.1.0+gnew"}
+    assert not frame["flags"].astype(str).str.contains("mixed_code_versions").any()
+    assert run_suite(suite, out, rerun_stale=True, **quiet).ran == 0
+
+
+def test_rerun_stale_is_a_cli_option():
+    from benchmark.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--suite", "quick", "--rerun-stale"])
+    assert args.rerun_stale is True
+    assert build_parser().parse_args(["run", "--suite", "quick"]).rerun_stale is False

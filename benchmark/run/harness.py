@@ -1,7 +1,8 @@
 """The harness: plan a suite, run the pending jobs on an executor, write the store.
 
-Resumption is the default: jobs already in the store are not run again. Tables are not built
-here: :mod:`benchmark.report` derives them from the store (the CLI calls
+Resumption is the default: jobs already in the store are not run again (with ``rerun_stale``:
+unless their stored code version differs from today's). Tables are not built here:
+:mod:`benchmark.report` derives them from the store (the CLI calls
 :func:`benchmark.report.tables.write_tables` after a run).
 """
 
@@ -62,12 +63,16 @@ def _check_key_version(store: Store, stored: list[dict[str, Any]], db: Path,
 
 def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
               workers: int | None = None, device: str | None = None, limit: int | None = None,
-              fresh: bool = False, retry_errors: bool = False, progress: str = "bar",
+              fresh: bool = False, retry_errors: bool = False, rerun_stale: bool = False,
+              progress: str = "bar",
               ray_address: str | None = None,
               log: Callable[[str], None] | None = None) -> RunSummary:
     """Run (or resume) a suite into ``out``: ``runs.sqlite`` (the store), the effective
     ``suite.toml`` and ``plan.json``. Tables are derived afterwards by
-    :func:`benchmark.report.tables.write_tables`."""
+    :func:`benchmark.report.tables.write_tables`.
+
+    ``retry_errors`` recomputes stored jobs that errored; ``rerun_stale`` recomputes stored jobs
+    whose code version (:func:`benchmark.version.code_version` when they ran) is not today's."""
     t0 = time.perf_counter()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
@@ -91,6 +96,14 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
         stored = store.jobs()
         _check_key_version(store, stored, db, say)
         finished = {r["key"] for r in stored if r["status"] == "done" or not retry_errors}
+        if rerun_stale:
+            stale = {r["key"] for r in stored if r["code_version"] != version} & finished
+            in_plan = {j.key for j in plan.jobs} & stale
+            if in_plan:
+                olds = sorted({r["code_version"] for r in stored if r["key"] in in_plan})
+                say(f"--rerun-stale: {len(in_plan)} stored jobs of code {', '.join(olds)} are "
+                    f"recomputed with code {version}")
+            finished -= stale
         # entries that differ only by their ids share a key: computed once, shown under each
         todo = list({j.key: j for j in plan.jobs if j.key not in finished}.values())
         resumed = len(plan.jobs) - len([j for j in plan.jobs if j.key not in finished])
