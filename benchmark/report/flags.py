@@ -51,7 +51,7 @@ FLAG_HELP = {
     "above_chance_at_sanity_eps": "accuracy is above chance at an epsilon that can turn every "
                                   "image into the same gray image: the attack must have failed",
     "mixed_code_versions": "the row's jobs were computed by different code versions (a resumed "
-                           "run); `genbench run --rerun-stale` recomputes the older ones",
+                           "run); genbench run --rerun-stale recomputes the older ones",
 }
 
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
