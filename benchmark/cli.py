@@ -59,17 +59,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.report.leaderboard import read_csv, render_markdown
     from benchmark.report.tables import write_tables
     from benchmark.run.harness import default_progress, run_suite
+    from benchmark.run.lock import run_lock
     from benchmark.spec.suite import load_suite
 
     suite = load_suite(args.suite)
     out = Path(args.out) if args.out else Path("results") / suite.name
     progress = args.progress or default_progress()
-    summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
-                        device=args.device, limit=args.limit, fresh=args.fresh,
-                        retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
-                        progress=progress,
-                        ray_address=getattr(args, "ray_address", None))
-    tables = write_tables(summary.out, summary.plan)
+    with run_lock(out):  # the run and the tables it writes (run_suite takes it again)
+        summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
+                            device=args.device, limit=args.limit, fresh=args.fresh,
+                            retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
+                            progress=progress, ray_address=getattr(args, "ray_address", None))
+        tables = write_tables(summary.out, summary.plan)
     print(render_markdown(read_csv(tables.csv)))
     print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
           f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "

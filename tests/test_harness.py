@@ -389,3 +389,101 @@ def test_rerun_stale_is_a_cli_option():
     args = build_parser().parse_args(["run", "--suite", "quick", "--rerun-stale"])
     assert args.rerun_stale is True
     assert build_parser().parse_args(["run", "--suite", "quick"]).rerun_stale is False
+
+
+def _wait_for_holder(out: Path, pid: int, timeout: float = 120) -> dict:
+    from benchmark.run.lock import read_holder
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = read_holder(out)
+        if info and info.get("pid") == pid:
+            return info
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} never took the lock of {out}")
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_and_fresh_waits_for_the_lock(tmp_path):
+    import socket
+    import threading
+
+    from benchmark.run.lock import RunLockedError
+
+    defenses = ('[[defenses]]\nname = "tests.plugins:SlowDefense"\nid = "slow"\n'
+                "params = { delay = 0.1 }\n")
+    suite = parse_suite(suite_text(defenses, eps="[0.1]"), "slow.toml")
+    out = tmp_path / "out"
+    quiet = dict(limit=16, progress="none", log=lambda m: None)
+    result: dict = {}
+
+    def first() -> None:
+        try:
+            result["summary"] = run_suite(suite, out, **quiet)
+        except BaseException as exc:  # pragma: no cover - reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        info = _wait_for_holder(out, os.getpid())
+        assert info["host"] == socket.gethostname() and info["started"]
+        deadline = time.time() + 120
+        while _job_count(out / "runs.sqlite") < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive(), "the first run finished before the second could start"
+        t0 = time.perf_counter()
+        with pytest.raises(RunLockedError) as err:
+            run_suite(suite, out, **quiet)
+        assert time.perf_counter() - t0 < 5  # at once, before planning anything
+        message = str(err.value)
+        assert f"pid {os.getpid()} on host {socket.gethostname()} since {info['started']}" \
+            in message and "in use by another genbench run" in message
+        # --fresh takes the lock before it moves the store: the live writer keeps its store
+        with pytest.raises(RunLockedError):
+            run_suite(suite, out, fresh=True, **quiet)
+        assert (out / "runs.sqlite").exists() and not list(out.glob("*.bak"))
+        assert thread.is_alive()
+    finally:
+        thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    assert result["summary"].ran == 8  # 4 shards x (clean, pgd), each computed once
+    again = run_suite(suite, out, **quiet)  # released on exit: the next run takes it
+    assert again.ran == 0 and again.resumed == 8
+
+
+def test_a_second_cli_run_names_the_holder_and_a_dead_holders_lock_is_stale(tmp_path):
+    from benchmark.run.lock import run_lock
+
+    suite = write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n',
+                                             eps="[0.1]"))
+    out = tmp_path / "out"
+    args = ["run", "--suite", str(suite), "--out", str(out), "--limit", "4"]
+    with run_lock(out):  # this process holds it
+        proc = _run_cli(args)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert err.startswith("genbench: error: run folder") and f"pid {os.getpid()}" in err, err
+    assert "Traceback" not in err and not (out / "runs.sqlite").exists()
+    # a holder that dies (SIGKILL: no clean-up at all) leaves a stale lock the next run takes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom benchmark.run.lock import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(600)\n"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert _wait_for_holder(out, holder.pid)["pid"] == holder.pid
+        assert main(args + ["--progress", "none"]) == 2  # alive: refused
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args + ["--progress", "none"]) == 0
+    assert (out / "leaderboard.csv").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    bad = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n',
+                                 attacks='[[attacks]]\nname = "pgd"\nparams = { steps = 0 }\n'),
+                      "bad.toml")
+    with pytest.raises(ValueError, match="steps"):
+        run_suite(bad, tmp_path / "new", limit=4, progress="none", log=lambda m: None)
+    assert not (tmp_path / "new").exists()

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmark.run.executors import make_executor
+from benchmark.run.lock import run_lock
 from benchmark.spec.fingerprint import KEY_VERSION
 from benchmark.spec.plan import Plan, plan_suite
 from benchmark.spec.suite import Suite
@@ -76,6 +77,18 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
     t0 = time.perf_counter()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
+    # one run per folder (RunLockedError names the holder); taken before anything else, so
+    # before --fresh moves the store aside
+    with run_lock(out):
+        return _run_locked(suite, out, t0=t0, say=say, executor=executor, workers=workers,
+                           device=device, limit=limit, fresh=fresh, retry_errors=retry_errors,
+                           rerun_stale=rerun_stale, progress=progress, ray_address=ray_address)
+
+
+def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None],
+                executor: str, workers: int | None, device: str | None, limit: int | None,
+                fresh: bool, retry_errors: bool, rerun_stale: bool, progress: str,
+                ray_address: str | None) -> RunSummary:
     ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
                        num_cpus=suite.num_cpus, num_gpus=suite.num_gpus)
     plan = plan_suite(suite, limit=limit, cache=ex.cache)
