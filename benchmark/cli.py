@@ -61,16 +61,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.report.leaderboard import read_csv, render_markdown
     from benchmark.report.tables import write_tables
     from benchmark.run.harness import default_progress, run_suite
+    from benchmark.run.lock import run_lock
     from benchmark.spec.suite import load_suite
 
     suite = load_suite(args.suite)
     out = Path(args.out) if args.out else Path("results") / suite.name
     progress = args.progress or default_progress()
-    summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
-                        device=args.device, limit=args.limit, fresh=args.fresh,
-                        retry_errors=args.retry_errors, progress=progress,
-                        ray_address=getattr(args, "ray_address", None))
-    tables = write_tables(summary.out, summary.plan)
+    with run_lock(out):  # the run and the tables it writes (run_suite takes it again)
+        summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
+                            device=args.device, limit=args.limit, fresh=args.fresh,
+                            retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
+                            progress=progress, ray_address=getattr(args, "ray_address", None))
+        tables = write_tables(summary.out, summary.plan)
     print(render_markdown(read_csv(tables.csv)))
     print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
           f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "
@@ -80,10 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.report.leaderboard import build_leaderboard, render_markdown
+    from benchmark.spec.fingerprint import KEY_VERSION
     from benchmark.spec.plan import plan_suite
     from benchmark.spec.suite import parse_suite
     from benchmark.store import Store
-    from benchmark.version import code_version
 
     run = Path(args.run)
     db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
@@ -95,7 +97,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     limit = json.loads(plan_file.read_text()).get("limit")
     plan = plan_suite(suite, limit=limit)
     with Store(db) as store:
-        frame = build_leaderboard(store, plan, code_version())
+        frame = build_leaderboard(store, plan)
+        keyed = store.get_meta("job_key_version")
+        n_stored = len(store.finished_keys())
+    if frame.empty and n_stored and keyed != str(KEY_VERSION):
+        raise CLIError(f"{run}: its {n_stored} jobs were keyed by job-key version {keyed or 1}, "
+                       f"this code keys jobs by version {KEY_VERSION}, so none of them is found "
+                       f"(their leaderboard.csv still holds their results); run `genbench run` "
+                       f"on it again to recompute them under the current keys")
     if args.format == "csv":
         from benchmark.report.leaderboard import FLOAT_FORMAT, csv_frame
 
@@ -161,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over (the previous store is moved aside, not deleted)")
     run.add_argument("--retry-errors", action="store_true", help="re-run jobs that errored")
+    run.add_argument("--rerun-stale", action="store_true", dest="rerun_stale",
+                     help="re-run stored jobs whose code version differs from the current one "
+                          "(rows mixing versions are flagged mixed_code_versions)")
     run.add_argument("--progress", choices=["bar", "plain", "none"],
                      help="progress display (default: bar on a terminal, plain otherwise)")
     run.set_defaults(func=cmd_run)

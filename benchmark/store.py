@@ -178,6 +178,35 @@ class Store:
                 r[field] = json.loads(r[field])
         return rows
 
+    def jobs_of(self, specs: Iterable[JobSpec]) -> list[dict[str, Any]]:
+        """The stored rows of ``specs`` (a plan's jobs), one per spec in order (missing ones
+        absent), labelled by the spec: ``defense``, ``attack`` and ``spec`` are the spec's, not
+        the stored ones. Job keys hold no display label, so a suite whose ids were renamed, or
+        two entries that differ only by id, read their stored results under today's labels."""
+        specs = list(specs)
+        stored = {r["key"]: r for r in self.jobs({s.key for s in specs})}
+        out = []
+        for spec in specs:
+            row = stored.get(spec.key)
+            if row is not None:
+                out.append({**row, "defense": spec.defense.id, "attack": spec.attack_id,
+                            "spec": spec.to_json()})
+        return out
+
+    def relabel(self, specs: Iterable[JobSpec]) -> int:
+        """Store today's display labels (ids, suite name) with the finished jobs of ``specs``
+        (the first spec of each key); the results are untouched. Returns how many changed."""
+        first: dict[str, JobSpec] = {}
+        for spec in specs:
+            first.setdefault(spec.key, spec)
+        rows = [(json.dumps(j.to_json(), sort_keys=True), j.defense.id, j.attack_id, key)
+                for key, j in first.items()]
+        with self._tx() as c:
+            before = c.total_changes
+            c.executemany("UPDATE jobs SET spec=?1, defense=?2, attack=?3 WHERE key=?4 AND "
+                          "(spec IS NOT ?1 OR defense IS NOT ?2 OR attack IS NOT ?3)", rows)
+            return c.total_changes - before
+
     def samples(self, keys: Iterable[str]) -> dict[str, list[tuple[int, int, float, str | None]]]:
         out: dict[str, list[tuple[int, int, float, str | None]]] = {}
         for key in keys:

@@ -180,7 +180,8 @@ def test_plan_density_jobs_and_skips() -> None:
 
 
 def test_classifier_job_keys_unchanged() -> None:
-    """Job keys are the hash of the JobSpec fields only: a stored classification run resumes."""
+    """Job keys hash the JobSpec's fields (minus its display labels), never the defense's
+    kind: planning density defenses left the stored spec of classification jobs as it was."""
     suite = parse_suite(density_suite(extra_defense='[[defenses]]\nid = "cnn"\n'
                                       'name = "undefended"\nparams = { model = "digits-cnn" }\n'),
                         "dens.toml")
@@ -188,7 +189,7 @@ def test_classifier_job_keys_unchanged() -> None:
     assert set(job.to_json()) == {
         "suite", "dataset", "dataset_params", "subset_id", "subset_hash", "defense",
         "defense_params", "attack", "threat", "eps", "sample_ids", "seed", "k_draws",
-        "batch_size", "shard"}
+        "batch_size", "shard", "resolved"}
 
 
 def _clean_logp(n: int = 16) -> np.ndarray:

@@ -90,7 +90,7 @@ def flagged(tmp_path_factory) -> pd.DataFrame:
     from benchmark.report.leaderboard import build_leaderboard
 
     with Store(out / "runs.sqlite") as store:
-        frame = build_leaderboard(store, plan, "test")
+        frame = build_leaderboard(store, plan)
         evidence = collect_evidence(store, plan)
     frame["flags"] = compute_flags(frame, evidence)
     return frame
@@ -225,3 +225,15 @@ def test_fixed_noise_diagnostic_needs_no_eot() -> None:
     ev = FlagEvidence(diagnostics={"diffpure": {"cosine": 0.4}})
     _, random = _gradients(frame, ev)
     assert random.tolist() == [True, False]
+
+
+def test_mixed_code_versions_flag_reads_the_rows_code_version():
+    base = dict(defense="d", defense_params="{}", threat_model="linf", eps=0.1, n=100,
+                stochastic=False, n_errors=0, error=None, steps=None, eot_draws=1,
+                attack_name="pgd", attack_params="{}", robust_acc=0.5, robust_ci_low=0.4,
+                robust_ci_high=0.6)
+    rows = [dict(base, attack="a", code_version="0.1.0+gabc"),
+            dict(base, attack="b", code_version="0.1.0+gabc;0.1.0+gdef"),
+            dict(base, attack="c", code_version=None)]
+    assert compute_flags(pd.DataFrame(rows)).tolist() == ["", "mixed_code_versions", ""]
+    assert "mixed_code_versions" in FLAG_HELP

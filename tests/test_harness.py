@@ -310,3 +310,180 @@ def test_process_workers_exit_when_the_driver_dies(tmp_path):
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(pid), "the orphaned worker is still running"
+
+
+def test_renamed_ids_resume_under_the_new_labels_and_twins_run_once(tmp_path):
+    """Job keys hold no display label: renaming a suite, a defense or an attack resumes the
+    stored jobs and relabels them; two entries that differ only by id are computed once and
+    reported under both ids."""
+    attacks = ('[[attacks]]\nname = "pgd"\nid = "pgd-a"\nparams = { steps = 2 }\n'
+               '[[attacks]]\nname = "pgd"\nid = "pgd-b"\nparams = { steps = 2 }\n')
+    text = suite_text('[[defenses]]\nname = "undefended"\nid = "cnn"\n', attacks=attacks,
+                      eps="[0.1]")
+    out = tmp_path / "out"
+    first = run_suite(parse_suite(text, "a.toml"), out, limit=4, progress="none",
+                      log=lambda m: None)
+    assert first.total_jobs == 3 and first.ran == 2  # clean + one pgd job for both ids
+    frame = read_csv(write_tables(first.out, first.plan).csv).set_index("attack")
+    assert frame.loc["pgd-a", "robust_acc"] == frame.loc["pgd-b", "robust_acc"]
+    assert frame.loc["pgd-a", "n"] == 4 and set(frame.defense) == {"cnn"}
+
+    renamed = (text.replace('name = "t"', 'name = "renamed"')
+               .replace('id = "cnn"', 'id = "the-cnn"').replace('id = "pgd-a"', 'id = "pgd-x"'))
+    said: list[str] = []
+    again = run_suite(parse_suite(renamed, "b.toml"), out, limit=4, progress="none",
+                      log=said.append)
+    assert again.ran == 0 and again.resumed == 3
+    assert any("relabelled" in m for m in said), said
+    table = read_csv(write_tables(again.out, again.plan).csv)
+    assert set(table.defense) == {"the-cnn"} and set(table.suite) == {"renamed"}
+    assert {"pgd-x", "pgd-b", "worst_case"} <= set(table.attack)
+    before = frame.reset_index()
+    for attack, old in (("pgd-x", "pgd-a"), ("pgd-b", "pgd-b")):
+        assert table.set_index("attack").loc[attack, "robust_acc"] == \
+            before.set_index("attack").loc[old, "robust_acc"]
+    with sqlite3.connect(out / "runs.sqlite") as conn:
+        assert {d for (d,) in conn.execute("SELECT defense FROM jobs")} == {"the-cnn"}
+        assert conn.execute("SELECT value FROM meta WHERE key='job_key_version'").fetchone() \
+            == ("2",)
+
+
+def test_rows_report_their_jobs_code_versions_and_rerun_stale(tmp_path, monkeypatch):
+    """A resumed run mixes jobs of two code versions: each row names the versions of its own
+    jobs (flag mixed_code_versions); --rerun-stale recomputes the older jobs."""
+    import benchmark.run.harness as harness
+
+    suite = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n', eps="[0.1]"), "t.toml")
+    out = tmp_path / "out"
+    quiet = dict(limit=8, progress="none", log=lambda m: None)
+    monkeypatch.setattr(harness, "code_version", lambda: "0.1.0+gold")
+    first = run_suite(suite, out, **quiet)
+    assert first.ran == 4  # clean and pgd on 2 shards of 4
+    # newer code resumes the run after one job was lost
+    pgd = [j.key for j in first.plan.jobs if j.attack is not None]
+    with sqlite3.connect(out / "runs.sqlite") as conn:
+        conn.execute("DELETE FROM samples WHERE job=?", (pgd[1],))
+        conn.execute("DELETE FROM jobs WHERE key=?", (pgd[1],))
+    monkeypatch.setattr(harness, "code_version", lambda: "0.1.0+gnew")
+    second = run_suite(suite, out, **quiet)
+    assert second.ran == 1
+    frame = read_csv(write_tables(second.out, second.plan).csv).set_index("attack")
+    assert frame.loc["pgd", "code_version"] == "0.1.0+gnew;0.1.0+gold"
+    assert frame.loc["worst_case", "code_version"] == "0.1.0+gnew;0.1.0+gold"
+    assert "mixed_code_versions" in frame.loc["pgd", "flags"].split(";")
+    assert "0.1.0+gnew, 0.1.0+gold" in (out / "leaderboard.md").read_text()
+    # --rerun-stale: the old jobs are recomputed, the rows are of one version again
+    said: list[str] = []
+    third = run_suite(suite, out, rerun_stale=True, **{**quiet, "log": said.append})
+    assert third.ran == 3 and third.resumed == 1
+    assert any("--rerun-stale: 3 stored jobs of code 0.1.0+gold" in m for m in said), said
+    frame = read_csv(write_tables(third.out, third.plan).csv)
+    assert set(frame.code_version) == {"0.1.0+gnew"}
+    assert not frame["flags"].astype(str).str.contains("mixed_code_versions").any()
+    assert run_suite(suite, out, rerun_stale=True, **quiet).ran == 0
+
+
+def test_rerun_stale_is_a_cli_option():
+    from benchmark.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--suite", "quick", "--rerun-stale"])
+    assert args.rerun_stale is True
+    assert build_parser().parse_args(["run", "--suite", "quick"]).rerun_stale is False
+
+
+def _wait_for_holder(out: Path, pid: int, timeout: float = 120) -> dict:
+    from benchmark.run.lock import read_holder
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = read_holder(out)
+        if info and info.get("pid") == pid:
+            return info
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} never took the lock of {out}")
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_and_fresh_waits_for_the_lock(tmp_path):
+    import socket
+    import threading
+
+    from benchmark.run.lock import RunLockedError
+
+    defenses = ('[[defenses]]\nname = "tests.plugins:SlowDefense"\nid = "slow"\n'
+                "params = { delay = 0.1 }\n")
+    suite = parse_suite(suite_text(defenses, eps="[0.1]"), "slow.toml")
+    out = tmp_path / "out"
+    quiet = dict(limit=16, progress="none", log=lambda m: None)
+    result: dict = {}
+
+    def first() -> None:
+        try:
+            result["summary"] = run_suite(suite, out, **quiet)
+        except BaseException as exc:  # pragma: no cover - reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        info = _wait_for_holder(out, os.getpid())
+        assert info["host"] == socket.gethostname() and info["started"]
+        deadline = time.time() + 120
+        while _job_count(out / "runs.sqlite") < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive(), "the first run finished before the second could start"
+        t0 = time.perf_counter()
+        with pytest.raises(RunLockedError) as err:
+            run_suite(suite, out, **quiet)
+        assert time.perf_counter() - t0 < 5  # at once, before planning anything
+        message = str(err.value)
+        assert f"pid {os.getpid()} on host {socket.gethostname()} since {info['started']}" \
+            in message and "in use by another genbench run" in message
+        # --fresh takes the lock before it moves the store: the live writer keeps its store
+        with pytest.raises(RunLockedError):
+            run_suite(suite, out, fresh=True, **quiet)
+        assert (out / "runs.sqlite").exists() and not list(out.glob("*.bak"))
+        assert thread.is_alive()
+    finally:
+        thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    assert result["summary"].ran == 8  # 4 shards x (clean, pgd), each computed once
+    again = run_suite(suite, out, **quiet)  # released on exit: the next run takes it
+    assert again.ran == 0 and again.resumed == 8
+
+
+def test_a_second_cli_run_names_the_holder_and_a_dead_holders_lock_is_stale(tmp_path):
+    from benchmark.run.lock import run_lock
+
+    suite = write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n',
+                                             eps="[0.1]"))
+    out = tmp_path / "out"
+    args = ["run", "--suite", str(suite), "--out", str(out), "--limit", "4"]
+    with run_lock(out):  # this process holds it
+        proc = _run_cli(args)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert err.startswith("genbench: error: run folder") and f"pid {os.getpid()}" in err, err
+    assert "Traceback" not in err and not (out / "runs.sqlite").exists()
+    # a holder that dies (SIGKILL: no clean-up at all) leaves a stale lock the next run takes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom benchmark.run.lock import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(600)\n"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert _wait_for_holder(out, holder.pid)["pid"] == holder.pid
+        assert main(args + ["--progress", "none"]) == 2  # alive: refused
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args + ["--progress", "none"]) == 0
+    assert (out / "leaderboard.csv").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    bad = parse_suite(suite_text('[[defenses]]\nname = "undefended"\n',
+                                 attacks='[[attacks]]\nname = "pgd"\nparams = { steps = 0 }\n'),
+                      "bad.toml")
+    with pytest.raises(ValueError, match="steps"):
+        run_suite(bad, tmp_path / "new", limit=4, progress="none", log=lambda m: None)
+    assert not (tmp_path / "new").exists()

@@ -161,3 +161,160 @@ def test_bad_defense_limit_is_named(bad: str) -> None:
     text = GOOD.replace('name = "undefended"\n', f'name = "undefended"\nlimit = {bad}\n')
     with pytest.raises(SuiteError, match=r"defenses\[0\].limit.*integer >= 1"):
         parse_suite(text, "limit.toml")
+
+
+#: every TOML value type a parameter can hold, including the shapes the tuple-based freeze lost
+TOML_PARAMS = """
+pairs = [["a", 1], ["b", 2]]
+pair = ["a", 1]
+opts = {}
+empty_list = []
+list_of_lists = [[1, 2], [], [3.0]]
+list_of_tables = [{ a = 1 }, {}, { b = { c = [] } }]
+nested = { inner = { deepest = { x = 1, y = 1.0 } }, blank = {} }
+int = 1
+float = 1.0
+neg_zero = -0.0
+big = 9223372036854775807
+infinite = inf
+minus_infinite = -inf
+exp = 1e300
+tiny = 5e-324
+bool_true = true
+bool_false = false
+string = "héllo \\" quoted"
+empty_string = ""
+mixed = [1, 1.0, "1", true, [1], { one = 1 }]
+"""
+
+
+def _same(a, b) -> bool:
+    """Equal with types: 1 and 1.0 and True are different values here."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and a == 0:
+        return str(a) == str(b)  # -0.0 stays -0.0
+    return a == b
+
+
+def test_freeze_thaw_round_trips_every_toml_value_type():
+    import tomllib
+
+    from benchmark.spec.suite import freeze, thaw
+
+    value = tomllib.loads(TOML_PARAMS)
+    frozen = freeze(value)
+    hash(frozen)
+    assert _same(thaw(frozen), value)
+    assert freeze(thaw(frozen)) == frozen  # canonical: a fixed point
+    # each value on its own, at top level too
+    for v in [*value.values(), value]:
+        assert _same(thaw(freeze(v)), v), v
+    # the shapes the former tuple encoding confused
+    assert thaw(freeze({"pairs": [["a", 1]]})) == {"pairs": [["a", 1]]}
+    assert thaw(freeze({"opts": {}})) == {"opts": {}}
+    assert thaw(freeze({"l": []})) == {"l": []}
+    assert freeze({"x": 1}) != freeze({"x": 1.0}) != freeze({"x": True})
+    assert freeze({"b": 1, "a": 2}) == freeze({"a": 2, "b": 1})  # key order is not content
+
+
+def test_suite_params_arrive_with_their_toml_types():
+    text = GOOD.replace("params = { steps = 3 }",
+                        "params_by_threat = { linf = { extra = [[1, 2]], none = {} } }\n"
+                        "[attacks.params]\n" + TOML_PARAMS.strip()) \
+        .replace('subset = "test100-v1"',
+                 'subset = "test100-v1"\ndataset_params = { a = { b = {} }, c = [[]] }')
+    import tomllib
+
+    from benchmark.spec.suite import thaw
+
+    s = parse_suite(text, "types.toml")
+    want = tomllib.loads(TOML_PARAMS)
+    assert _same(s.attacks[0].kwargs(), want)
+    assert _same(s.attacks[0].to_json()["params"], want)
+    got = s.attacks[0].kwargs("linf")
+    assert _same(got["extra"], [[1, 2]]) and _same(got["none"], {})
+    assert _same(thaw(s.dataset_params), {"a": {"b": {}}, "c": [[]]})
+    assert _same(s.defenses[0].kwargs(), {})
+
+
+def test_dates_in_params_are_a_clear_error():
+    bad = GOOD.replace("params = { steps = 3 }", "params = { when = 1979-05-27 }")
+    with pytest.raises(SuiteError, match=r"attacks\[0\]\.params.*dates and times"):
+        parse_suite(bad, "date.toml")
+
+
+KEYED = """
+[suite]
+name = "keyed"
+dataset = "digits"
+subset = "test100-v1"
+shard_size = 2
+
+[[defenses]]
+name = "undefended"
+id = "cnn"
+
+[[attacks]]
+name = "pgd"
+id = "pgd-ce"
+params = { steps = 2 }
+defenses = ["cnn"]
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+"""
+
+
+def _keys(text: str) -> list[str]:
+    from benchmark.spec.plan import plan_suite
+
+    return [j.key for j in plan_suite(parse_suite(text, "keyed.toml"), limit=4).jobs]
+
+
+def test_renaming_ids_or_the_suite_keeps_the_job_keys():
+    base = _keys(KEYED)
+    assert len(base) == 4 and len(set(base)) == 4  # 2 shards x (clean, pgd)
+    renamed = (KEYED.replace('name = "keyed"', 'name = "renamed"')
+               .replace('id = "cnn"', 'id = "the-cnn"').replace('["cnn"]', '["the-cnn"]')
+               .replace('id = "pgd-ce"', 'id = "pgd-2"'))
+    assert _keys(renamed) == base
+
+
+def test_job_keys_change_with_weights_versions_and_resolved_defaults(monkeypatch):
+    import attacks.pgd
+    import defenses.baseline
+    from benchmark.plugins.builtin import ATTACKS, DEFENSES
+    from benchmark.plugins.registry import Provenance
+    from benchmark.spec import fingerprint
+
+    base = _keys(KEYED)
+    clean, attacked = set(base[:2]), set(base[2:])
+    # a retrained model: the manifest's sha256 of the weights the defense's default names
+    real = fingerprint.zoo_hashes()
+    with monkeypatch.context() as m:
+        m.setattr(fingerprint, "zoo_hashes", lambda: {**real, "digits-cnn": "0" * 64})
+        assert set(_keys(KEYED)).isdisjoint(base)
+    # a new version of the attack plug-in: its jobs change, the clean ones do not
+    with monkeypatch.context() as m:
+        m.setattr(ATTACKS, "provenance", lambda name: Provenance("genbench", "9.9"))
+        keys = set(_keys(KEYED))
+        assert clean <= keys and keys.isdisjoint(attacked)
+    with monkeypatch.context() as m:
+        m.setattr(DEFENSES, "provenance", lambda name: Provenance("genbench", "9.9"))
+        assert set(_keys(KEYED)).isdisjoint(base)
+    # a new default of the attack, which the suite does not set (PGD's random_start)
+    with monkeypatch.context() as m:
+        m.setitem(attacks.pgd.PGD.__init__.__kwdefaults__, "random_start", False)
+        keys = set(_keys(KEYED))
+        assert clean <= keys and keys.isdisjoint(attacked)
+    # a new default of the defense (another zoo model): new defaults and new weights
+    with monkeypatch.context() as m:
+        m.setitem(defenses.baseline.Undefended.__init__.__kwdefaults__, "model", "digits-cnn-at")
+        assert set(_keys(KEYED)).isdisjoint(base)
+    assert _keys(KEYED) == base

@@ -141,10 +141,14 @@ class Definition:
 
 @functools.lru_cache(maxsize=1)
 def _own_version() -> str:
+    """genbench's version: the installed distribution's, else the source tree's (job keys
+    hash plug-in versions, so a checkout that is not installed keys jobs the same way)."""
     try:
         return md.version("genbench")
     except md.PackageNotFoundError:
-        return "0+unknown"
+        from benchmark.version import __version__
+
+        return __version__
 
 
 def _provenance_of_module(module: str) -> Provenance:

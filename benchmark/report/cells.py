@@ -64,3 +64,23 @@ def same_eps(a: Any, b: Any) -> bool:
 def eps_text(value: Any) -> str:
     """An epsilon as CSV text that reads back as the same float (``repr``); '' when missing."""
     return repr(float(value)) if is_number(value) else ""
+
+
+def code_versions(jobs: Iterable[Mapping[str, Any]]) -> str:
+    """The ``;``-joined, sorted code versions that computed a row's jobs (more than one: the row
+    mixes results of different code, flag ``mixed_code_versions``)."""
+    return ";".join(sorted({str(j["code_version"]) for j in jobs}))
+
+
+def mixed_code(row: Any) -> bool:
+    """Whether a row's jobs were computed by more than one code version."""
+    value = row.get("code_version")
+    return isinstance(value, str) and ";" in value
+
+
+def all_code_versions(frame: pd.DataFrame) -> str:
+    """Every code version behind a table's rows, sorted and comma-separated (for headers)."""
+    if "code_version" not in frame.columns:
+        return ""
+    return ", ".join(sorted({v for cell in frame["code_version"] if isinstance(cell, str)
+                             for v in cell.split(";") if v}))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from benchmark.report.cells import plugin_versions
+from benchmark.report.cells import code_versions, mixed_code, plugin_versions
 from benchmark.report.stats import binom_cdf, wilson_interval
 from benchmark.spec.jobs import CLEAN
 
@@ -195,8 +195,7 @@ def _stack(rows: list[dict[str, Any]], steps: np.ndarray | None) -> Samples:
 def load_density(store: Store, plan: Plan) -> DensityData:
     """The density jobs of ``plan`` (defenses whose kind is "density") from ``store``."""
     dens = {d for d, k in plan.kinds.items() if k == "density"}
-    keys = [j.key for j in plan.jobs if j.defense.id in dens]
-    jobs = store.jobs(keys)
+    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id in dens)
     per_job = store.density(j["key"] for j in jobs if j["status"] == "done")
     data = DensityData()
     clean_rows: dict[DefenseKey, list[dict[str, Any]]] = defaultdict(list)
@@ -268,7 +267,7 @@ def density_rows(data: DensityData, base_row: Callable[[dict[str, Any]], dict[st
         row.update(defense=dkey[0], attack=CLEAN, defense_kind="density", n=len(s.sample_ids),
                    wall_s=sum(j["wall_s"] for j in jobs), nfe_per_pred=jobs[0]["nfe_per_pred"],
                    stochastic=bool(jobs[0]["stochastic"]), k_draws=1,
-                   plugin_versions=plugin_versions(jobs))
+                   plugin_versions=plugin_versions(jobs), code_version=code_versions(jobs))
         if errors:
             row["error"] = "; ".join(sorted(set(errors)))
             thresholds[dkey] = (math.nan, f"clean scoring failed: {row['error']}")
@@ -299,7 +298,9 @@ def density_rows(data: DensityData, base_row: Callable[[dict[str, Any]], dict[st
                    wall_s=sum(j["wall_s"] for j in jobs),
                    attack_name=spec["attack"]["name"],
                    attack_params=_json(spec["attack"]["params"]),
-                   plugin_versions=plugin_versions(jobs))
+                   plugin_versions=plugin_versions(jobs),
+                   code_version=code_versions([*jobs,
+                                               *data.clean_jobs.get((did, dparams), [])]))
         errors = _errors(jobs)
         tau, clean_error = thresholds.get((did, dparams), (math.nan, "no clean job in the store"))
         if clean_error:
@@ -351,15 +352,17 @@ def survival(row: Any) -> tuple[float, float]:
 
 def density_flags(frame: pd.DataFrame) -> pd.Series:
     """Validity flags of density rows, with the classifier flags' names: ``threat_violation``,
-    ``attack_error`` and ``nonmonotone_eps`` (the detector's survival fraction at a larger
-    epsilon exceeds the upper Wilson bound of a smaller epsilon's; starts may differ between
-    epsilons, so the test is by interval)."""
+    ``attack_error``, ``mixed_code_versions`` and ``nonmonotone_eps`` (the detector's survival
+    fraction at a larger epsilon exceeds the upper Wilson bound of a smaller epsilon's; starts
+    may differ between epsilons, so the test is by interval)."""
     names: dict[Any, list[str]] = {i: [] for i in frame.index}
     for i, r in frame.iterrows():
         if not pd.isna(r["n_errors"]) and r["n_errors"] > 0:
             names[i].append("threat_violation")
         if isinstance(r["error"], str) and r["error"] and r["attack"] != CLEAN:
             names[i].append("attack_error")
+        if mixed_code(r):
+            names[i].append("mixed_code_versions")
     ok = frame[(frame["attack"] != CLEAN) & frame["direction"].isin(DIRECTIONS)
                & (frame["accepted"].notna() | frame["rejected"].notna())]
     for _, part in ok.groupby(["defense", "defense_params", "attack", "threat_model"],

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmark.spec.jobs import CLEAN
+from benchmark.spec.jobs import CLEAN, JobSpec
 from benchmark.spec.plan import Plan
 from benchmark.store import Store
 
@@ -45,23 +46,31 @@ def row_key(r: Any) -> RowKey:
     return (str(r["defense"]), str(r["attack"]), threat, eps)
 
 
-def sample_counts(store: Store, keys: list[str] | None = None
+def _rows(store: Store, jobs: Sequence[JobSpec] | Sequence[str] | None) -> list[dict[str, Any]]:
+    """Stored rows of a plan's jobs (labelled by the plan), of job keys (labelled as stored),
+    or of every job (None)."""
+    if jobs and not isinstance(jobs[0], str):
+        return store.jobs_of(jobs)  # type: ignore[arg-type]
+    return store.jobs(jobs)  # type: ignore[arg-type]
+
+
+def sample_counts(store: Store, jobs: Sequence[JobSpec] | Sequence[str] | None = None
                   ) -> tuple[dict[RowKey, dict[int, int]], dict[RowKey, dict[int, int]],
                              dict[RowKey, int]]:
-    """Per-sample correct-counts from the store's finished jobs (``keys``: the plan's jobs):
-    ``(clean, robust, k)`` keyed by row, where ``clean`` and ``robust`` map sample ids to the
-    clean and ``min(clean, adversarial)`` counts, and ``worst_case`` rows take the minimum over
-    the attacks, diagnostic ones (fixed-noise) left out, exactly as
+    """Per-sample correct-counts from the store's finished jobs (``jobs``: the plan's jobs,
+    or their keys): ``(clean, robust, k)`` keyed by row, where ``clean`` and ``robust`` map
+    sample ids to the clean and ``min(clean, adversarial)`` counts, and ``worst_case`` rows take
+    the minimum over the attacks, diagnostic ones (fixed-noise) left out, exactly as
     :mod:`benchmark.report.leaderboard` scores them."""
     from benchmark.plugins.traits import is_diagnostic
 
-    jobs = [j for j in store.jobs(keys) if j["status"] == "done"]
-    samples = store.samples(j["key"] for j in jobs)
+    rows = [j for j in _rows(store, jobs) if j["status"] == "done"]
+    samples = store.samples({j["key"] for j in rows})
     clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     adv: dict[tuple[str, str, str, str, float], dict[int, int]] = defaultdict(dict)
     k_of: dict[tuple[str, str], int] = {}
     diagnostic: set[str] = set()
-    for job in jobs:
+    for job in rows:
         dkey = (job["defense"], json.dumps(job["spec"]["defense_params"], sort_keys=True))
         k_of[dkey] = job["k"]
         attack = job["spec"].get("attack")
@@ -97,9 +106,9 @@ def majority(counts: dict[int, int], k: int) -> dict[int, int]:
 
 def collect_evidence(store: Store, plan: Plan | None = None) -> FlagEvidence:
     """Evidence for :func:`compute_flags` from a run's store (restricted to ``plan``'s jobs)."""
-    keys = [j.key for j in plan.jobs] if plan is not None else None
+    jobs = plan.jobs if plan is not None else None
     ev = FlagEvidence()
-    for job in store.jobs(keys):
+    for job in _rows(store, jobs):
         if job["status"] != "done":
             continue
         if job["attack"] == CLEAN:
@@ -109,7 +118,7 @@ def collect_evidence(store: Store, plan: Plan | None = None) -> FlagEvidence:
             continue
         key = (job["defense"], job["attack"], job["threat"], float(job["eps"]))
         ev.extras.setdefault(key, []).append(job["extras"])
-    _, robust, k_of = sample_counts(store, keys)
+    _, robust, k_of = sample_counts(store, jobs)
     ev.robust = {key: majority(c, k_of[key]) for key, c in robust.items()}
     if plan is not None:
         ev.sanity_eps, ev.chance = sanity_for(plan)

@@ -4,7 +4,8 @@ Each flag is a short name; ``FLAG_HELP`` explains it in one line. Flags are evid
 evaluation may be unreliable; they are data, not warnings.
 
 Some flags need only the rows (non-monotone epsilon, more steps, BPDA vs exact, a black-box
-attack beating the white-box ones by accuracy); others need evidence from the store
+attack beating the white-box ones by accuracy, jobs of mixed code versions); others need
+evidence from the store
 (:func:`collect_evidence`): the attacks' ``extras`` (PGD's ``zero_grad_frac``, AutoAttack's
 warnings), per-sample outcomes (a black-box attack breaking samples that every white-box attack
 failed on) and the clean jobs' gradient diagnostics (:mod:`benchmark.run.diagnostics`).
@@ -26,6 +27,7 @@ import pandas as pd
 
 from benchmark.api.attack import AttackTraits
 from benchmark.plugins.traits import attack_traits
+from benchmark.report.cells import mixed_code
 from benchmark.report.evidence import WORST, FlagEvidence, row_key
 from benchmark.report.stats import mcnemar_exact
 
@@ -48,6 +50,8 @@ FLAG_HELP = {
                            "intervals (one of the two gradients is wrong)",
     "above_chance_at_sanity_eps": "accuracy is above chance at an epsilon that can turn every "
                                   "image into the same gray image: the attack must have failed",
+    "mixed_code_versions": "the row's jobs were computed by different code versions (a resumed "
+                           "run); genbench run --rerun-stale recomputes the older ones",
 }
 
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
@@ -246,6 +250,8 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
         if isinstance(r["error"], str) and r["error"]:
             names[i].append("worst_case_incomplete" if r["attack"] == WORST
                             else "attack_error")
+        if mixed_code(r):
+            names[i].append("mixed_code_versions")
     checks = {"nonmonotone_eps": _nonmonotone(frame),
               "more_steps_higher_acc": _more_steps(frame),
               "bpda_exact_disagree": _bpda_disagree(frame),

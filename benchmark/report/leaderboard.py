@@ -25,7 +25,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.plugins.traits import is_diagnostic
-from benchmark.report.cells import csv_safe, eps_text, pct, plugin_versions
+from benchmark.report.cells import (all_code_versions, code_versions, csv_safe, eps_text, pct,
+                                    plugin_versions)
 from benchmark.report.density import DENSITY_COLUMNS, density_flags, density_rows, load_density
 from benchmark.report.evidence import WORST, FlagEvidence, collect_evidence
 from benchmark.report.flags import compute_flags
@@ -53,21 +54,24 @@ def _group_key(job: dict[str, Any]) -> tuple[str, str]:
     return spec["defense"]["id"], json.dumps(spec["defense_params"], sort_keys=True)
 
 
-def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFrame:
-    """Rows for the plan's jobs, from the store (missing jobs are simply absent)."""
+def build_leaderboard(store: Store, plan: Plan) -> pd.DataFrame:
+    """Rows for the plan's jobs, from the store (missing jobs are simply absent). A row's
+    ``code_version`` is that of the stored jobs behind it (its attack jobs and its defense's
+    clean jobs), ``;``-joined when they differ (flag ``mixed_code_versions``)."""
     density_ids = {d for d, kind in plan.kinds.items() if kind == "density"}
-    keys = [j.key for j in plan.jobs if j.defense.id not in density_ids]
-    jobs = store.jobs(keys)
-    samples = store.samples(r["key"] for r in jobs)
+    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id not in density_ids)
+    samples = store.samples({r["key"] for r in jobs})
     suite = plan.suite
 
     clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     clean_k: dict[tuple[str, str], int] = {}
     clean_err: dict[tuple[str, str], str] = {}
+    clean_jobs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for job in jobs:
         dkey = _group_key(job)
         if job["attack"] == CLEAN:
+            clean_jobs[dkey].append(job)
             if job["status"] != "done":
                 clean_err[dkey] = job["error"]
             clean_k[dkey] = job["k"]
@@ -90,8 +94,9 @@ def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFra
             for sid, correct, _, err in samples[m["key"]]:
                 adv[sid] = correct
                 n_err += err is not None
-        row = _base_row(suite, plan, spec, code_version)
-        row.update(defense=did, attack=aid, threat_model=threat, eps=eps,
+        row = _base_row(suite, plan, spec)
+        row.update(code_version=code_versions([*members, *clean_jobs[dkey]]), defense=did,
+                   attack=aid, threat_model=threat, eps=eps,
                    stochastic=bool(first["stochastic"]), k_draws=k,
                    steps=first["budget"].get("steps"), restarts=first["budget"].get("restarts"),
                    eot_draws=first["budget"].get("eot_draws"), nfe_per_pred=first["nfe_per_pred"],
@@ -119,7 +124,7 @@ def build_leaderboard(store: Store, plan: Plan, code_version: str) -> pd.DataFra
                                                   if s.name == "attack" else v),
                               kind="stable")
     dens = pd.DataFrame(density_rows(load_density(store, plan),
-                                     lambda spec: _base_row(suite, plan, spec, code_version)),
+                                     lambda spec: _base_row(suite, plan, spec)),
                         columns=COLUMNS)
     # clean rows first, then by threat model, epsilon, defense and attack
     dens = dens.sort_values(["defense", "threat_model", "eps", "attack"],
@@ -193,6 +198,8 @@ def _worst_case_rows(rows: list[dict[str, Any]], per_sample: dict[tuple[Any, ...
                    n_errors=sum(m["n_errors"] for m in ok), strongest_attack=strongest,
                    plugin_versions=";".join(sorted({v for m in ok
                                                     for v in m["plugin_versions"].split(";")})),
+                   code_version=";".join(sorted({v for m in ok
+                                                 for v in m["code_version"].split(";")})),
                    error=("worst case excludes errored attacks: "
                           + ", ".join(m["attack"] for m in members if m.get("error")))
                    if len(ok) < len(members) else None)
@@ -201,10 +208,10 @@ def _worst_case_rows(rows: list[dict[str, Any]], per_sample: dict[tuple[Any, ...
     return out
 
 
-def _base_row(suite: Any, plan: Plan, spec: dict[str, Any], code_version: str) -> dict[str, Any]:
+def _base_row(suite: Any, plan: Plan, spec: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(suite=suite.name, dataset=suite.dataset, subset_id=plan.subset.id,
-               subset_hash=plan.subset.short_hash, seed=suite.seed, code_version=code_version,
+               subset_hash=plan.subset.short_hash, seed=suite.seed,
                defense_name=spec["defense"]["name"],
                defense_params=json.dumps(spec["defense_params"], sort_keys=True), n_errors=0)
     return row
@@ -254,7 +261,7 @@ def render_markdown(frame: pd.DataFrame, plan: Plan | None = None) -> str:
         parts.append(f"# genbench leaderboard: suite `{first['suite']}`\n\n"
                      f"dataset `{first['dataset']}`, subset `{first['subset_id']}` "
                      f"(hash {first['subset_hash']}), seed {first['seed']}, "
-                     f"code {first['code_version']}. Accuracies in %, robust with 95% Wilson "
+                     f"code {all_code_versions(frame)}. Accuracies in %, robust with 95% Wilson "
                      "interval; stochastic defenses scored by majority vote over K draws.\n")
     density = is_density(frame)
     for threat, part in frame[~density].groupby("threat_model", sort=True):

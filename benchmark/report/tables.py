@@ -10,7 +10,6 @@ from pathlib import Path
 from benchmark.report.leaderboard import build_leaderboard, write_csv, write_markdown
 from benchmark.spec.plan import Plan
 from benchmark.store import Store
-from benchmark.version import code_version
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ def write_tables(out: str | Path, plan: Plan) -> Tables:
     """Build the leaderboard of ``plan`` from ``out/runs.sqlite`` and write it into ``out``."""
     out = Path(out)
     with Store(out / "runs.sqlite") as store:
-        frame = build_leaderboard(store, plan, code_version())
+        frame = build_leaderboard(store, plan)
         if "density" in plan.kinds.values():
             from benchmark.report.density import load_density
             from benchmark.report.plots import write_density_plots

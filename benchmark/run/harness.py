@@ -1,7 +1,8 @@
 """The harness: plan a suite, run the pending jobs on an executor, write the store.
 
-Resumption is the default: jobs already in the store are not run again. Tables are not built
-here: :mod:`benchmark.report` derives them from the store (the CLI calls
+Resumption is the default: jobs already in the store are not run again (with ``rerun_stale``:
+unless their stored code version differs from today's). Tables are not built here:
+:mod:`benchmark.report` derives them from the store (the CLI calls
 :func:`benchmark.report.tables.write_tables` after a run).
 """
 
@@ -20,6 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmark.run.executors import make_executor
+from benchmark.run.lock import run_lock
+from benchmark.spec.fingerprint import KEY_VERSION
 from benchmark.spec.plan import Plan, plan_suite
 from benchmark.spec.suite import Suite
 from benchmark.store import Store
@@ -47,17 +50,45 @@ def _backup(path: Path) -> None:
             shutil.move(str(p), str(p) + f".{stamp}.bak")
 
 
+def _check_key_version(store: Store, stored: list[dict[str, Any]], db: Path,
+                       say: Callable[[str], None]) -> None:
+    """Record the job-key version in the store; say so when its jobs were keyed otherwise
+    (they cannot resume: every job of the plan is computed again, next to them)."""
+    have = store.get_meta("job_key_version")
+    if stored and have != str(KEY_VERSION):
+        say(f"warning: the {len(stored)} jobs in {db} were keyed by job-key version "
+            f"{have or 1}, this code keys by version {KEY_VERSION}: none of them resumes and "
+            "the plan's jobs are computed again (use --fresh, or another --out, to start clean)")
+    store.set_meta("job_key_version", str(KEY_VERSION))
+
+
 def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
               workers: int | None = None, device: str | None = None, limit: int | None = None,
-              fresh: bool = False, retry_errors: bool = False, progress: str = "bar",
+              fresh: bool = False, retry_errors: bool = False, rerun_stale: bool = False,
+              progress: str = "bar",
               ray_address: str | None = None,
               log: Callable[[str], None] | None = None) -> RunSummary:
     """Run (or resume) a suite into ``out``: ``runs.sqlite`` (the store), the effective
     ``suite.toml`` and ``plan.json``. Tables are derived afterwards by
-    :func:`benchmark.report.tables.write_tables`."""
+    :func:`benchmark.report.tables.write_tables`.
+
+    ``retry_errors`` recomputes stored jobs that errored; ``rerun_stale`` recomputes stored jobs
+    whose code version (:func:`benchmark.version.code_version` when they ran) is not today's."""
     t0 = time.perf_counter()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
+    # one run per folder (RunLockedError names the holder); taken before anything else, so
+    # before --fresh moves the store aside
+    with run_lock(out):
+        return _run_locked(suite, out, t0=t0, say=say, executor=executor, workers=workers,
+                           device=device, limit=limit, fresh=fresh, retry_errors=retry_errors,
+                           rerun_stale=rerun_stale, progress=progress, ray_address=ray_address)
+
+
+def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None],
+                executor: str, workers: int | None, device: str | None, limit: int | None,
+                fresh: bool, retry_errors: bool, rerun_stale: bool, progress: str,
+                ray_address: str | None) -> RunSummary:
     ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
                        num_cpus=suite.num_cpus, num_gpus=suite.num_gpus)
     plan = plan_suite(suite, limit=limit, cache=ex.cache)
@@ -75,11 +106,25 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
     version = code_version()
     with Store(db) as store:
         store.set_meta("suite", suite.name)
-        finished = {r["key"] for r in store.jobs() if r["status"] == "done" or not retry_errors}
-        todo = [j for j in plan.jobs if j.key not in finished]
-        resumed = len(plan.jobs) - len(todo)
+        stored = store.jobs()
+        _check_key_version(store, stored, db, say)
+        finished = {r["key"] for r in stored if r["status"] == "done" or not retry_errors}
+        if rerun_stale:
+            stale = {r["key"] for r in stored if r["code_version"] != version} & finished
+            in_plan = {j.key for j in plan.jobs} & stale
+            if in_plan:
+                olds = sorted({r["code_version"] for r in stored if r["key"] in in_plan})
+                say(f"--rerun-stale: {len(in_plan)} stored jobs of code {', '.join(olds)} are "
+                    f"recomputed with code {version}")
+            finished -= stale
+        # entries that differ only by their ids share a key: computed once, shown under each
+        todo = list({j.key: j for j in plan.jobs if j.key not in finished}.values())
+        resumed = len(plan.jobs) - len([j for j in plan.jobs if j.key not in finished])
         if resumed:
             say(f"resuming: {resumed} of {len(plan.jobs)} jobs already in {db}")
+            relabelled = store.relabel(j for j in plan.jobs if j.key in finished)
+            if relabelled:
+                say(f"relabelled {relabelled} stored jobs with the suite's current ids")
         for d, a, t, why in dict.fromkeys((s["defense"], s["attack"], s["threat_model"],
                                           s["reason"]) for s in plan.skipped):
             say(f"skipped: {d} / {a} / {t}: {why}")

@@ -1,14 +1,21 @@
 """Jobs: the unit of work, resumption and distribution.
 
 A job is (defense spec, attack spec or clean, threat spec, shard of sample ids) plus everything
-that determines its outcome (seed, K, batch size). It is a frozen dataclass and its key is the
-sha256 of its canonical JSON, so a resumed run recognises finished work and a changed budget
-is new work.
+that determines its outcome (seed, K, batch size, and what the plan resolved in code: plug-in
+versions, the attack's resolved config and budget, the defense's defaults, the zoo weights'
+sha256; see :mod:`benchmark.spec.fingerprint`). It is a frozen dataclass.
+
+Its key is the sha256 of the canonical JSON of :meth:`JobSpec.key_json`: what determines the
+result, and nothing else. A resumed run recognises finished work, and a changed budget, default,
+plug-in version or retrained model is new work. Display labels (the suite's name, the ``id`` of
+the defense and of the attack) are not in the key: they are stored with the job (``to_json``)
+for tables, and renaming them in a suite relabels the stored jobs instead of recomputing them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -18,7 +25,8 @@ import torch
 from torch import nn
 
 from benchmark.plugins.cache import DefenseCache
-from benchmark.spec.suite import PluginSpec, canonical_json, thaw
+from benchmark.spec.fingerprint import KEY_VERSION
+from benchmark.spec.suite import NO_PARAMS, PluginSpec, canonical_json, thaw
 
 CLEAN = "clean"
 
@@ -27,11 +35,11 @@ CLEAN = "clean"
 class JobSpec:
     suite: str
     dataset: str
-    dataset_params: tuple[tuple[str, Any], ...]
+    dataset_params: str  # canonical JSON (benchmark.spec.suite.freeze)
     subset_id: str
     subset_hash: str
     defense: PluginSpec
-    defense_params: tuple[tuple[str, Any], ...]
+    defense_params: str  # canonical JSON: the defense's params for this job's threat model
     attack: PluginSpec | None
     threat: str | None
     eps: float | None
@@ -40,6 +48,9 @@ class JobSpec:
     k_draws: int
     batch_size: int
     shard: int = 0
+    #: canonical JSON of what the plan resolved in code (:func:`benchmark.spec.fingerprint.
+    #: resolve`): plug-in versions, attack config and budget, defense defaults, weights sha256.
+    resolved: str = NO_PARAMS
 
     @property
     def is_clean(self) -> bool:
@@ -51,16 +62,33 @@ class JobSpec:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["defense_params"] = thaw(self.defense_params) or {}
-        d["dataset_params"] = thaw(self.dataset_params) or {}
+        d["defense_params"] = thaw(self.defense_params)
+        d["dataset_params"] = thaw(self.dataset_params)
         d["defense"] = self.defense.to_json()
         d["attack"] = None if self.attack is None else self.attack.to_json()
         d["sample_ids"] = list(self.sample_ids)
+        d["resolved"] = json.loads(self.resolved)
         return d
+
+    def key_json(self) -> dict[str, Any]:
+        """What the key hashes: everything that determines the result, no display label
+        (neither the suite's name nor the defense's or attack's ``id``)."""
+        return {
+            "key_version": KEY_VERSION,
+            "dataset": self.dataset, "dataset_params": thaw(self.dataset_params),
+            "subset_hash": self.subset_hash, "sample_ids": list(self.sample_ids),
+            "shard": self.shard, "seed": self.seed, "k_draws": self.k_draws,
+            "batch_size": self.batch_size,
+            "defense": {"name": self.defense.name, "params": thaw(self.defense_params)},
+            "attack": None if self.attack is None else {"name": self.attack.name,
+                                                        "params": thaw(self.attack.params)},
+            "threat": self.threat, "eps": self.eps,
+            "resolved": json.loads(self.resolved),
+        }
 
     @cached_property
     def key(self) -> str:
-        return hashlib.sha256(canonical_json(self.to_json()).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.key_json()).encode()).hexdigest()
 
     @property
     def run_seed(self) -> int:
@@ -70,7 +98,7 @@ class JobSpec:
 
     def build_defense(self, cache: DefenseCache, device: torch.device) -> nn.Module:
         """This job's defense, from ``cache`` (built on first use)."""
-        return cache.get(self.defense.name, thaw(self.defense_params) or {}, device,
+        return cache.get(self.defense.name, thaw(self.defense_params), device,
                          key=self.defense_params)
 
     def label(self) -> str:

@@ -4,6 +4,12 @@ Expansion runs every compatible (defense, attack, threat model, epsilon) combina
 on shards of its evaluation subset, plus one clean job per defense configuration and shard;
 incompatible combinations are listed as skipped, with the reason.
 
+Each job carries what the plan resolved in code (plug-in versions, the attack's config and
+budget after construction, the defense's defaults, the sha256 of the zoo weights they name; see
+:mod:`benchmark.spec.fingerprint`), which its key hashes. Entries that differ only by their
+``id`` make jobs of the same key: the harness computes such a job once, and the report shows it
+under every label.
+
 Density defenses (``kind = "density"``) are planned the same way: a clean job per shard (log p
 of every test image, from which the leaderboard takes the 95%-acceptance threshold) and a job
 per compatible density attack, threat model, epsilon and shard. Classification attacks require
@@ -23,6 +29,7 @@ from benchmark.data import load_dataset
 from benchmark.data.subsets import EvalSubset, get_subset
 from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
 from benchmark.plugins.cache import DefenseCache
+from benchmark.spec import fingerprint
 from benchmark.spec.jobs import JobSpec
 from benchmark.spec.suite import Suite, freeze, thaw
 
@@ -66,6 +73,9 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
         except (TypeError, ValueError) as exc:
             raise ValueError(f"attack {a.id!r} ({a.name}): bad parameters "
                              f"{a.kwargs()}: {exc}") from exc
+    zoo = fingerprint.zoo_hashes()
+    attack_parts = {a.id: fingerprint.attack_part(a.name, attack) for a, attack in attacks}
+    threat_parts = {t.name: fingerprint.threat_part(t.name) for t in suite.threat_models}
     jobs: list[JobSpec] = []
     skipped: list[dict[str, Any]] = []
     kinds: dict[str, str] = {}
@@ -74,9 +84,11 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
     for d in suite.defenses:
         mine = ids[:d.limit] if d.limit else ids  # a defense's `limit`: its first samples only
         shards = [mine[i:i + suite.shard_size] for i in range(0, len(mine), suite.shard_size)]
-        clean_done: set[tuple[Any, ...]] = set()
+        clean_done: set[str] = set()
         for t in suite.threat_models:
-            params = freeze(d.kwargs(t.name))
+            kwargs = d.kwargs(t.name)
+            params = freeze(kwargs)
+            dpart = fingerprint.defense_part(d.name, kwargs)
             probe = JobSpec(defense=d, defense_params=params, attack=None, threat=None, eps=None,
                             sample_ids=(), **common)  # type: ignore[arg-type]
             defense = probe.build_defense(cache, cpu)
@@ -89,8 +101,10 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                 continue
             if params not in clean_done:
                 clean_done.add(params)
+                resolved = freeze(fingerprint.resolve(dpart, kwargs, None, None, None, zoo))
                 jobs += [JobSpec(defense=d, defense_params=params, attack=None, threat=None,
-                                 eps=None, sample_ids=s, shard=i, **common)  # type: ignore[arg-type]
+                                 eps=None, sample_ids=s, shard=i, resolved=resolved,
+                                 **common)  # type: ignore[arg-type]
                          for i, s in enumerate(shards)]
             for a, attack in attacks:
                 for eps in t.eps:
@@ -109,8 +123,12 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                         skipped.append(dict(defense=d.id, attack=a.id, threat_model=t.name,
                                             eps=eps, reason=reason))
                         continue
+                    resolved = freeze(fingerprint.resolve(
+                        dpart, kwargs, attack_parts[a.id], a.kwargs(), threat_parts[t.name], zoo))
                     jobs += [JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
-                                     eps=eps, sample_ids=s, shard=i, **common)  # type: ignore[arg-type]
+                                     eps=eps, sample_ids=s, shard=i, resolved=resolved,
+                                     **common)  # type: ignore[arg-type]
                              for i, s in enumerate(shards)]
     del ds
     return Plan(suite, subset, ids, jobs, skipped, kinds, info)
+

@@ -57,24 +57,26 @@ class SuiteError(ValueError):
     """A malformed suite file; the message names the file, the key and the line."""
 
 
-def freeze(value: Any) -> Any:
-    """Deep-convert TOML values to hashable ones (dicts -> sorted tuples, lists -> tuples)."""
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(freeze(v) for v in value)
-    return value
+def freeze(value: Any) -> str:
+    """The canonical JSON of a TOML value (sorted keys, no spaces): hashable, and exact.
+
+    :func:`thaw` gives the value back with every type intact (tables stay tables, empty or
+    not; lists stay lists, of lists too; ints stay ints, floats floats, bools bools), so a
+    plug-in receives exactly what its suite says. TOML dates and times have no JSON form:
+    they raise TypeError (the suite parser reports them as an error of the key)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def thaw(value: Any) -> Any:
-    """Inverse of :func:`freeze` for parameter tuples (pairs of (str, value))."""
-    if isinstance(value, tuple) and all(
-        isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value
-    ) and value:
-        return {k: thaw(v) for k, v in value}
-    if isinstance(value, tuple):
-        return [thaw(v) for v in value]
-    return value
+def thaw(value: str) -> Any:
+    """Inverse of :func:`freeze`."""
+    if not isinstance(value, str):
+        raise TypeError(f"thaw expects the canonical JSON made by freeze(), got "
+                        f"{type(value).__name__} {value!r}")
+    return json.loads(value)
+
+
+#: the frozen form of an empty table (no parameters).
+NO_PARAMS = freeze({})
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,11 @@ class PluginSpec:
 
     id: str
     name: str
-    params: tuple[tuple[str, Any], ...] = ()
+    #: the ``params`` table as canonical JSON (:func:`freeze`)
+    params: str = NO_PARAMS
     threat_models: tuple[str, ...] | None = None
-    params_by_threat: tuple[tuple[str, Any], ...] = ()
+    #: the ``params_by_threat`` table (threat model name -> extra params) as canonical JSON
+    params_by_threat: str = NO_PARAMS
     #: ids of the other kind this entry is paired with (an attack's ``defenses``, a defense's
     #: ``attacks``); None pairs it with all of them.
     paired_with: tuple[str, ...] | None = None
@@ -96,15 +100,13 @@ class PluginSpec:
     limit: int | None = None
 
     def kwargs(self, threat: str | None = None) -> dict[str, Any]:
-        out = {k: thaw(v) for k, v in self.params}
+        out = dict(thaw(self.params))
         if threat is not None:
-            for name, extra in self.params_by_threat:
-                if name == threat:
-                    out.update(thaw(extra))
+            out.update(thaw(self.params_by_threat).get(threat) or {})
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "params": thaw(self.params) or {}}
+        return {"id": self.id, "name": self.name, "params": thaw(self.params)}
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,8 @@ class Suite:
     #: resources of one job as a Ray task (``--executor ray``); other executors ignore them.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    dataset_params: tuple[tuple[str, Any], ...] = ()
+    #: the ``dataset_params`` table as canonical JSON (:func:`freeze`)
+    dataset_params: str = NO_PARAMS
     description: str = ""
     source: str = field(default="", compare=False)
     text: str = field(default="", compare=False, repr=False)
@@ -201,6 +204,14 @@ def _typed(ctx: _Ctx, table: dict[str, Any], key: str, path: str, typ: type, def
 _REQUIRED = object()
 
 
+def _frozen(ctx: _Ctx, table: dict[str, Any], path: str) -> str:
+    try:
+        return freeze(table)
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(path, f"dates and times are not supported in parameters (write them as "
+                              f"strings): {exc}") from None
+
+
 def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, ...]:
     items = doc.get(section, [])
     if not isinstance(items, list) or not items:
@@ -236,8 +247,9 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
                                   or limit < 1):
             raise ctx.error(f"{path}.limit", f"expected an integer >= 1 (the number of samples "
                                              f"this defense is evaluated on), got {limit!r}")
-        specs.append(PluginSpec(ident, name, freeze(params),
-                                tuple(tms) if tms is not None else None, freeze(by_threat),
+        specs.append(PluginSpec(ident, name, _frozen(ctx, params, f"{path}.params"),
+                                tuple(tms) if tms is not None else None,
+                                _frozen(ctx, by_threat, f"{path}.params_by_threat"),
                                 tuple(paired) if paired is not None else None,
                                 _attack_eps(ctx, item, path) if section == "attacks" else None,
                                 limit))
@@ -347,7 +359,8 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         defenses=defenses,
         attacks=attacks,
         threat_models=threat_models,
-        dataset_params=freeze(_typed(ctx, head, "dataset_params", "suite", dict, {})),
+        dataset_params=_frozen(ctx, _typed(ctx, head, "dataset_params", "suite", dict, {}),
+                               "suite.dataset_params"),
         description=_typed(ctx, head, "description", "suite", str, ""),
         source=source,
         text=text,
