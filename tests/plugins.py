@@ -207,3 +207,16 @@ class RaisingAttack(Attack):
 
     def run(self, defense, x, y, threat, *, generator=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("this attack always fails")
+
+
+class SlowNoisyDefense(NoisyDefense):
+    """:class:`NoisyDefense`, slowed down so that a run can be killed in the middle."""
+
+    def __init__(self, model: str = "digits-cnn", sigma: float = 0.3, delay: float = 0.1
+                 ) -> None:
+        super().__init__(model, sigma)
+        self.delay = delay
+
+    def forward(self, x: Tensor) -> Tensor:
+        time.sleep(self.delay)
+        return super().forward(x)
