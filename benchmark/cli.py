@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ EXIT_BAD_INPUT = 2
 COMMAND_MODULES = ("benchmark.report.compare", "benchmark.report.publish",
                    "benchmark.verify.conformance", "benchmark.verify.bundle")
 EXIT_INTERRUPTED = 130
+#: `genbench run` finished, wrote its tables, but some jobs are error rows.
+EXIT_JOB_ERRORS = 1
 
 
 class CLIError(Exception):
@@ -31,6 +34,12 @@ def _registries() -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "flags":
+        from benchmark.report.flags import FLAG_HELP
+
+        for name, meaning in FLAG_HELP.items():
+            print(f"{name}\t{meaning}")
+        return 0
     if args.what == "suites":
         from benchmark.spec.suite import load_suite, shipped_suites
 
@@ -57,47 +66,95 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_option_warnings(args: argparse.Namespace, suite: Any) -> list[str]:
+    """Warnings for options of `genbench run` that do not apply to the chosen executor; raises
+    :class:`CLIError` (exit 2, naming the option) for those that cannot work at all."""
+    import torch
+
+    executor = args.executor
+    out: list[str] = []
+    if args.workers is not None and executor == "local":
+        out.append("--workers is ignored by --executor local (it runs one job at a time in this "
+                   "process); use --executor process or ray")
+    if getattr(args, "ray_address", None) and executor != "ray":
+        out.append(f"--ray-address is ignored by --executor {executor}; it applies to "
+                   "--executor ray")
+    elif getattr(args, "ray_address", None) and args.workers is not None:
+        out.append("--workers is ignored with --ray-address: the cluster's resources decide "
+                   "how many jobs run at once")
+    device = args.device
+    if device not in (None, "", "auto"):
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise CLIError(f"--device {device!r} is not a device (expected cpu, cuda, "
+                           "cuda:1, ...)") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available on this machine "
+                           f"(torch {torch.__version__}); use --device cpu or leave it out")
+        if executor == "ray":
+            out.append(f"--device is ignored by --executor ray: a task uses a GPU when the "
+                       f"suite's [suite] num_gpus > 0 (here {suite.num_gpus:g})")
+        elif executor == "process" and parsed.type == "cuda" and parsed.index is not None:
+            raise CLIError(f"--device {device} with --executor process: workers are pinned "
+                           "one per visible GPU; pass --device cuda and choose the GPUs with "
+                           "CUDA_VISIBLE_DEVICES")
+        elif executor == "process" and parsed.type not in ("cpu", "cuda"):
+            raise CLIError(f"--device {device} with --executor process: expected cpu or cuda")
+    if suite.job_timeout_s is not None and executor == "local":
+        out.append(f"[suite] job_timeout_s = {suite.job_timeout_s:g} is not enforced by "
+                   "--executor local (a job runs in this process and cannot be stopped); use "
+                   "--executor process or ray to enforce it")
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.report.leaderboard import read_csv, render_markdown
-    from benchmark.report.tables import write_tables
+    from benchmark.report.tables import run_progress, write_tables
     from benchmark.run.harness import default_progress, run_suite
     from benchmark.run.lock import run_lock
     from benchmark.spec.suite import load_suite
+    from benchmark.store import Store
 
     suite = load_suite(args.suite)
+    for msg in run_option_warnings(args, suite):
+        print(f"genbench: warning: {msg}", file=sys.stderr)
     out = Path(args.out) if args.out else Path("results") / suite.name
     progress = args.progress or default_progress()
     with run_lock(out):  # the run and the tables it writes (run_suite takes it again)
-        summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
-                            device=args.device, limit=args.limit, fresh=args.fresh,
-                            retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
-                            progress=progress, ray_address=getattr(args, "ray_address", None))
+        with warnings.catch_warnings():  # said once above, not again by the executor
+            warnings.filterwarnings("ignore", message="job_timeout_s", category=RuntimeWarning)
+            summary = run_suite(suite, out, executor=args.executor, workers=args.workers,
+                                device=args.device, limit=args.limit, fresh=args.fresh,
+                                retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
+                                progress=progress,
+                                ray_address=getattr(args, "ray_address", None))
         tables = write_tables(summary.out, summary.plan)
-    print(render_markdown(read_csv(tables.csv)))
+    print(tables.md.read_text(), end="")
+    with Store(summary.out / "runs.sqlite") as store:
+        done = run_progress(store, summary.plan)
     print(f"suite {suite.name}: {summary.total_jobs} jobs ({summary.ran} run, "
           f"{summary.resumed} resumed, {summary.errors} errors) in {summary.wall_s:.1f}s; "
           f"wrote {tables.csv} and {tables.md}", file=sys.stderr)
+    if done.errored:
+        print(f"genbench: {done.errored} of {done.total} jobs errored (see the error column "
+              f"of {tables.csv} or `genbench status {summary.out}`; --retry-errors reruns "
+              "them)", file=sys.stderr)
+        return EXIT_JOB_ERRORS
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.report.leaderboard import build_leaderboard, render_markdown
+    from benchmark.report.leaderboard import build_leaderboard
+    from benchmark.report.tables import render_leaderboard, run_progress
     from benchmark.spec.fingerprint import KEY_VERSION
-    from benchmark.spec.plan import plan_suite
-    from benchmark.spec.suite import parse_suite
+    from benchmark.spec.stored import check_run_folder, load_plan
     from benchmark.store import Store
 
-    run = Path(args.run)
-    db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
-    for p in (db, suite_file, plan_file):
-        if not p.exists():
-            raise CLIError(f"{run} is not a genbench run folder: {p.name} is missing "
-                           "(expected the --out folder of `genbench run`)")
-    suite = parse_suite(suite_file.read_text(), source=str(suite_file))
-    limit = json.loads(plan_file.read_text()).get("limit")
-    plan = plan_suite(suite, limit=limit)
-    with Store(db) as store:
+    run = check_run_folder(args.run)
+    plan = load_plan(run)
+    with Store(run / "runs.sqlite") as store:
         frame = build_leaderboard(store, plan)
+        progress = run_progress(store, plan)
         keyed = store.get_meta("job_key_version")
         n_stored = len(store.finished_keys())
     if frame.empty and n_stored and keyed != str(KEY_VERSION):
@@ -106,11 +163,44 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                        f"(their leaderboard.csv still holds their results); run `genbench run` "
                        f"on it again to recompute them under the current keys")
     if args.format == "csv":
-        from benchmark.report.leaderboard import FLOAT_FORMAT, csv_frame
+        from benchmark.report.cells import csv_safe
 
-        csv_frame(frame).to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
+        safe = frame.copy()
+        for col in safe.columns:
+            if safe[col].dtype == object:
+                safe[col] = safe[col].map(csv_safe)
+        safe.to_csv(sys.stdout, index=False, float_format="%.6g")
+        if progress.partial:
+            print(f"genbench: partial: {progress.done} of {progress.total} jobs done",
+                  file=sys.stderr)
     else:
-        print(render_markdown(frame, plan))
+        print(render_leaderboard(frame, plan, progress), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every job of a run folder's plan: done, pending or error (with its error), and counts."""
+    from benchmark.report.tables import job_states
+    from benchmark.spec.stored import check_run_folder, load_plan
+    from benchmark.store import Store
+
+    run = check_run_folder(args.run)
+    plan = load_plan(run)
+    with Store(run / "runs.sqlite") as store:
+        states = job_states(store, plan)
+        errors = {r["key"]: r["error"] for r in store.jobs(states) if r["status"] != "done"}
+    for job in plan.jobs:
+        state = states[job.key]
+        if args.only and state not in args.only:
+            continue
+        line = f"{state:8} {job.label()}"
+        if state == "error":
+            line += f": {errors.get(job.key) or 'error'}"
+        print(line)
+    counts = {s: list(states.values()).count(s) for s in ("done", "pending", "error")}
+    print(f"{plan.suite.name}: {len(states)} jobs: {counts['done']} done, "
+          f"{counts['pending']} pending, {counts['error']} errored"
+          + (f"; {len(plan.skipped)} combinations skipped" if plan.skipped else ""))
     return 0
 
 
@@ -154,18 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Adversarial-robustness benchmark for generative-model defenses."))
     sub = p.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("list", help="list registered plug-ins, suites or zoo models")
+    ls = sub.add_parser("list", help="list registered plug-ins, suites, zoo models or the "
+                                     "validity flags")
     ls.add_argument("what", choices=["defenses", "attacks", "threat-models", "suites", "models",
-                                     "datasets", "trainable"])
+                                     "datasets", "trainable", "flags"])
     ls.set_defaults(func=cmd_list)
 
     run = sub.add_parser("run", help="run (or resume) a suite")
     run.add_argument("--suite", required=True, help="shipped suite name or path to a .toml")
     run.add_argument("--out", help="run folder (default: results/<suite>)")
     run.add_argument("--executor", choices=["local", "process", "ray"], default="local")
-    run.add_argument("--workers", type=int, help="workers for process/ray executors")
-    run.add_argument("--ray-address", dest="ray_address", help="Ray cluster address")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    run.add_argument("--workers", type=int,
+                     help="workers for process/ray executors (not local)")
+    run.add_argument("--ray-address", dest="ray_address",
+                     help="Ray cluster address (executor ray)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto; executor process: "
+                                      "cpu or cuda, one worker per GPU; ignored by ray)")
     run.add_argument("--limit", type=int, help="evaluate only the first N samples of the subset")
     run.add_argument("--fresh", action="store_true",
                      help="start over (the previous store is moved aside, not deleted)")
@@ -181,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--run", required=True, help="run folder (the --out of genbench run)")
     lb.add_argument("--format", choices=["csv", "md"], default="md")
     lb.set_defaults(func=cmd_leaderboard)
+
+    st = sub.add_parser("status", help="each job of a run folder: done, pending or error")
+    st.add_argument("run", help="run folder (the --out of genbench run)")
+    st.add_argument("--only", action="append", choices=["done", "pending", "error"],
+                    help="list only jobs in this state (repeatable); the counts cover all")
+    st.set_defaults(func=cmd_status)
 
     tr = sub.add_parser("train", help="train a zoo model on a bundled dataset")
     tr.add_argument("model", help="what to train (see `genbench list trainable`)")

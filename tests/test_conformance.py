@@ -212,3 +212,21 @@ def test_pytest_is_not_a_runtime_dependency(module):
     names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
     assert "pytest" not in names
+
+
+# -- independent draws within a batch -----------------------------------------------------------
+
+def test_broadcast_noise_fails_independent_draws(capsys):
+    assert "independent_draws" in CHECKS
+    rc = main(["check-defense", "tests.plugins:BroadcastNoiseDefense", "--no-smoke"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    line = next(line for line in out.splitlines() if line.split()[1:2] == ["independent_draws"])
+    assert line.startswith(FAIL) and "share one noise draw" in line, line
+    assert "PASS  determinism" in out  # reproducible after reseed: only this check catches it
+
+
+def test_independent_draws_passes_per_row_noise_and_skips_deterministic_defenses():
+    assert run_check(NoisyDefense(), "independent_draws").status == PASS
+    skipped = run_check(Undefended(), "independent_draws")
+    assert skipped.status == SKIP and "deterministic" in skipped.why

@@ -487,3 +487,145 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         run_suite(bad, tmp_path / "new", limit=4, progress="none", log=lambda m: None)
     assert not (tmp_path / "new").exists()
+
+# -- exit codes, status, flags, partial tables, plans read back (tests/test_executors.py has the
+# -- executors themselves) ----------------------------------------------------------------------
+
+def _only_undefended_pgd(db: Path) -> None:
+    """Forget the undefended / pgd job, as if the run had been killed before it."""
+    with sqlite3.connect(db) as conn:
+        (key,) = conn.execute("SELECT key FROM jobs WHERE defense = 'undefended' AND "
+                              "attack = 'pgd'").fetchone()
+        conn.execute("DELETE FROM samples WHERE job = ?", (key,))
+        conn.execute("DELETE FROM jobs WHERE key = ?", (key,))
+
+
+def test_run_exits_1_on_errored_jobs_and_status_and_partial_tables_say_where_it_stands(
+        tmp_path, capsys, monkeypatch):
+    import json
+
+    from benchmark.plugins.cache import DefenseCache
+    from benchmark.spec.stored import load_plan, plan_record
+
+    defenses = ('[[defenses]]\nname = "tests.plugins:RaisingDefense"\nid = "raises"\n\n'
+                '[[defenses]]\nname = "undefended"\n')
+    text = suite_text(defenses, eps="[0.1]").replace("shard_size = 4",
+                                                     "shard_size = 4\njob_timeout_s = 600")
+    out = tmp_path / "r"
+    code = main(["run", "--suite", str(write_suite(tmp_path, text)), "--out", str(out),
+                 "--limit", "4", "--workers", "2", "--progress", "none"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "2 of 4 jobs errored" in captured.err and "--retry-errors" in captured.err
+    assert "--workers is ignored by --executor local" in captured.err
+    assert "job_timeout_s = 600 is not enforced by --executor local" in captured.err
+    assert (out / "leaderboard.csv").exists() and "| undefended" in captured.out
+
+    assert main(["status", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "done     undefended / clean [shard 0]" in lines
+    assert any(line.startswith("error    raises / pgd linf eps=0.1 [shard 0]: RuntimeError: "
+                               "this plug-in always fails") for line in lines), lines
+    assert lines[-1] == "t: 4 jobs: 2 done, 0 pending, 2 errored"
+
+    # plan.json with the plan's kinds, attack info and job specs (what the harness records):
+    # leaderboard, status and publish then build no defense at all
+    plan = load_plan(out)
+    record = json.loads((out / "plan.json").read_text())
+    (out / "plan.json").write_text(json.dumps({**record, **plan_record(plan)}))
+
+    def no_build(*args, **kw):
+        raise AssertionError("a defense was built")
+
+    monkeypatch.setattr(DefenseCache, "get", no_build)
+    again = load_plan(out)
+    assert [j.key for j in again.jobs] == [j.key for j in plan.jobs]
+    assert (again.kinds, again.attack_info, again.skipped) == (plan.kinds, plan.attack_info,
+                                                               plan.skipped)
+    assert again.sample_ids == plan.sample_ids and again.suite == plan.suite
+
+    _only_undefended_pgd(out / "runs.sqlite")
+    assert main(["status", str(out), "--only", "pending"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["pending  undefended / pgd linf eps=0.1 [shard 0]",
+                     "t: 4 jobs: 1 done, 1 pending, 2 errored"]
+    assert main(["leaderboard", "--run", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("# genbench leaderboard")
+    assert "**partial: 1 of 4 jobs done** (1 pending, 2 errored)" in md.split("\n## ")[0]
+    tables = write_tables(out, again)
+    assert "partial: 1 of 4 jobs done" in tables.md.read_text()
+    assert main(["publish", "--run", str(out), "--dest", str(tmp_path / "lb")]) == 0
+    assert "partial: 1 of 4 jobs done" in (tmp_path / "lb" / "t" / "README.md").read_text()
+
+
+def test_run_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    import torch
+
+    suite = str(write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n')))
+    args = ["run", "--suite", suite, "--out", str(tmp_path / "r"), "--progress", "none"]
+    assert main([*args, "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert main([*args, "--device", "cuda:1", "--executor", "process"]) == 2
+    assert "--device cuda:1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_list_flags_prints_each_flag_with_its_meaning(capsys):
+    from benchmark.report.flags import FLAG_HELP
+
+    assert main(["list", "flags"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{name}\t{meaning}" for name, meaning in FLAG_HELP.items()]
+    assert any(line.startswith("worst_case_incomplete\t") for line in lines)
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_points_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import random
+
+    defenses = ('[[defenses]]\nname = "tests.plugins:SlowDefense"\nid = "slow"\n'
+                "params = { delay = 0.1 }\n\n"
+                '[[defenses]]\nname = "tests.plugins:SlowNoisyDefense"\nid = "noisy"\n'
+                "params = { delay = 0.1 }\n")
+    suite = write_suite(tmp_path, suite_text(defenses, eps="[0.1]", k=3))
+    args = ["run", "--suite", str(suite), "--limit", "12"]
+    total = 2 * (3 + 3)  # 2 defenses x (clean + pgd) x 3 shards
+    seed = int(os.environ.get("GENBENCH_KILL_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)  # a failure names its seed: GENBENCH_KILL_SEED reproduces it
+    # at least 3 jobs (about a second of work) are left after each point
+    points = sorted(rng.sample(range(1, total - 2), 3))
+    killed = tmp_path / "killed"
+    db = killed / "runs.sqlite"
+    for i, point in enumerate(points):
+        # the second run uses the process executor: its workers must not outlive the driver
+        extra = ["--executor", "process", "--workers", "2"] if i == 1 else []
+        proc = _run_cli([*args, *extra, "--out", str(killed)])
+        target = max(point, _job_count(db) + 1)
+        deadline = time.time() + 180
+        while _job_count(db) < target and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.1))  # somewhere inside the next job
+        assert proc.poll() is None, (f"seed {seed}, points {points}: run finished before it "
+                                     "could be killed: " + proc.stderr.read())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _job_count(db) < total, f"seed {seed}, points {points}"
+    resumed = _run_cli([*args, "--out", str(killed)])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resuming:" in err
+
+    clean = _run_cli([*args, "--out", str(tmp_path / "clean")])
+    _, err = clean.communicate(timeout=600)
+    assert clean.returncode == 0, err
+    a = read_csv(killed / "leaderboard.csv")
+    b = read_csv(tmp_path / "clean" / "leaderboard.csv")
+    pd.testing.assert_frame_equal(stable(a), stable(b), obj=f"seed {seed}, points {points}")
+    with sqlite3.connect(db) as conn:
+        per_job = conn.execute("SELECT job, COUNT(*), COUNT(DISTINCT sample_id) FROM samples "
+                               "GROUP BY job").fetchall()
+    assert len(per_job) == total and all(n == 4 and d == 4 for _, n, d in per_job)

@@ -28,7 +28,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,15 +69,15 @@ class RowIndex(Mapping[RowKey, V]):
         return min(near, key=lambda k: abs(k[3] - key[3])) if near else None
 
     def __getitem__(self, key: object) -> V:
-        found = self.find(key) if isinstance(key, tuple) else None  # type: ignore[arg-type]
+        found = self.find(key) if isinstance(key, tuple) else None
         if found is None:
             raise KeyError(key)
         return self._exact[found]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and self.find(key) is not None  # type: ignore[arg-type]
+        return isinstance(key, tuple) and self.find(key) is not None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._exact)
 
     def __len__(self) -> int:

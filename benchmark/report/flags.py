@@ -32,8 +32,10 @@ from benchmark.report.evidence import WORST, FlagEvidence, row_key
 from benchmark.report.stats import mcnemar_exact
 
 FLAG_HELP = {
-    "threat_violation": "some returned adversarial examples broke the threat model or were "
-                        "non-finite; they were scored as not robust",
+    "threat_violation": "some samples were scored as not robust without a valid attack: the "
+                        "returned adversarial example broke the threat model or was non-finite, "
+                        "or the defense returned non-finite logits or raised on a valid one "
+                        "(each sample's reason is in the store and in a bundle's outcomes.csv)",
     "nonmonotone_eps": "robust accuracy is higher at a larger epsilon than at a smaller one for "
                        "the same defense and attack (the attack is failing to optimize)",
     "attack_error": "the attack raised for this row; see the error column",

@@ -25,8 +25,14 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.plugins.traits import is_diagnostic
-from benchmark.report.cells import (all_code_versions, code_versions, csv_safe, eps_text, pct,
-                                    plugin_versions)
+from benchmark.report.cells import (
+    all_code_versions,
+    code_versions,
+    csv_safe,
+    eps_text,
+    pct,
+    plugin_versions,
+)
 from benchmark.report.density import DENSITY_COLUMNS, density_flags, density_rows, load_density
 from benchmark.report.evidence import WORST, FlagEvidence, collect_evidence
 from benchmark.report.flags import compute_flags

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import re
 import shutil
@@ -31,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tabulate import tabulate
 
 from benchmark.report.cells import all_code_versions, is_number, pct
@@ -44,45 +42,53 @@ DEFAULT_DEST = "leaderboard"
 # -- building -----------------------------------------------------------------------------
 
 def load_run(run: str | Path) -> tuple[pd.DataFrame, Any, dict[str, str]]:
-    """(leaderboard with all flags, plan, defense id -> kind label) of a run folder."""
-    from benchmark.api.defense import describe
-    from benchmark.plugins.cache import DefenseCache
+    """(leaderboard with all flags, plan, defense id -> kind label) of a run folder. The plan
+    comes from the folder's ``plan.json`` (:func:`benchmark.spec.stored.load_plan`): no defense
+    is built, except for run folders written before ``plan.json`` recorded the jobs."""
     from benchmark.report.leaderboard import build_leaderboard, flag_frame
-    from benchmark.spec.jobs import JobSpec
-    from benchmark.spec.plan import plan_suite
-    from benchmark.spec.suite import freeze, parse_suite
+    from benchmark.spec.stored import load_plan
     from benchmark.store import Store
 
     run = Path(run)
-    db, suite_file, plan_file = run / "runs.sqlite", run / "suite.toml", run / "plan.json"
-    for p in (db, suite_file, plan_file):
-        if not p.exists():
-            raise ValueError(f"{run} is not a genbench run folder: {p.name} is missing "
-                             "(expected the --out folder of `genbench run`)")
-    suite = parse_suite(suite_file.read_text(), source=str(suite_file))
-    cache = DefenseCache()
-    plan = plan_suite(suite, limit=json.loads(plan_file.read_text()).get("limit"), cache=cache)
-    with Store(db) as store:
+    plan = load_plan(run)
+    with Store(run / "runs.sqlite") as store:
         frame = build_leaderboard(store, plan)
         evidence = collect_evidence(store, plan)
+        kinds = kind_labels(plan, store)
     frame["flags"] = flag_frame(frame, evidence)
-    kinds: dict[str, str] = {}
-    for d in suite.defenses:
-        probe = JobSpec(suite=suite.name, dataset=suite.dataset,
-                        dataset_params=suite.dataset_params, subset_id=plan.subset.id,
-                        subset_hash=plan.subset.short_hash, defense=d,
-                        defense_params=freeze(d.kwargs(suite.threat_models[0].name)),
-                        attack=None, threat=None, eps=None, sample_ids=(), seed=suite.seed,
-                        k_draws=suite.k_draws, batch_size=suite.batch_size)
-        kind, stochastic, _ = describe(probe.build_defense(cache, torch.device("cpu")))
-        kinds[d.id] = kind if kind != "classifier" else (
-            "stochastic classifier" if stochastic else "deterministic classifier")
     return frame, plan, kinds
+
+
+def kind_labels(plan: Any, store: Any) -> dict[str, str]:
+    """Defense id -> "stochastic classifier", "deterministic classifier" or "density" (a
+    classifier with no finished job yet is just "classifier"), from the plan's kinds and the
+    stored jobs' ``stochastic`` column."""
+    stochastic: dict[str, bool] = {}
+    for job in store.jobs([j.key for j in plan.jobs]):
+        if job["status"] == "done":
+            did = str(job["defense"])
+            stochastic[did] = stochastic.get(did, False) or bool(job["stochastic"])
+    labels: dict[str, str] = {}
+    for d in plan.suite.defenses:
+        kind = plan.kinds.get(d.id, "classifier")
+        if kind == "classifier" and d.id in stochastic:
+            kind = "stochastic classifier" if stochastic[d.id] else "deterministic classifier"
+        labels[d.id] = kind
+    return labels
+
+
+#: shown in place of a rank: the worst case misses an errored attack.
+NOT_RANKED = "not ranked"
+NOT_RANKED_NOTE = ("*not ranked*: the worst case is incomplete (an attack errored on this "
+                   "defense, threat model and epsilon; flag `worst_case_incomplete`), so its "
+                   "robust accuracy is only an upper bound over the attacks that ran.")
 
 
 def ranked(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
     """One row per (threat model, eps, defense): the worst case over attacks, ranked by robust
-    accuracy within (threat model, eps); flags are the union over the cell's rows."""
+    accuracy within (threat model, eps); flags are the union over the cell's rows. A cell whose
+    worst case is incomplete (an attack errored) is never ranked (``complete`` False, ``rank``
+    missing): it would rank on the attacks that happened to run."""
     from benchmark.report.leaderboard import is_density
 
     rows = []
@@ -93,22 +99,34 @@ def ranked(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
         base = worst.iloc[0] if len(worst) else cell.iloc[0]
         flags = sorted({f for v in cell["flags"] if isinstance(v, str) for f in v.split(";")
                         if f})
+        attacks = cell[cell["attack"] != WORST]
+        errored = attacks["error"].map(lambda e: isinstance(e, str) and e != "")
         rows.append(dict(threat_model=tm, eps=float(eps), defense=defense,
                          kind=kinds.get(str(defense), ""), n=base["n"],
                          clean=base["clean_acc"], robust=base["robust_acc"],
                          robust_low=base["robust_ci_low"], robust_high=base["robust_ci_high"],
                          worst_attack=(base["strongest_attack"] if len(worst)
                                        else base["attack"]),
-                         attacks=int((cell["attack"] != WORST).sum()),
+                         attacks=int(len(attacks)),
                          nfe_per_pred=base["nfe_per_pred"], flags=";".join(flags),
-                         error=base["error"] if isinstance(base["error"], str) else ""))
+                         error=base["error"] if isinstance(base["error"], str) else "",
+                         complete=not bool(errored.any())
+                         and "worst_case_incomplete" not in flags))
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    out["rank"] = (out.groupby(["threat_model", "eps"])["robust"]
-                   .rank(method="min", ascending=False).astype("Int64"))
+    complete = out[out["complete"]]
+    out["rank"] = (complete.groupby(["threat_model", "eps"])["robust"]
+                   .rank(method="min", ascending=False)
+                   .reindex(out.index).astype("Int64"))
     return out.sort_values(["threat_model", "eps", "rank", "defense"],
                            na_position="last").reset_index(drop=True)
+
+
+def _rank_cell(r: Any) -> str:
+    if not pd.isna(r["rank"]):
+        return str(int(r["rank"]))
+    return NOT_RANKED if not r.get("complete", True) else ""
 
 
 # -- Markdown -------------------------------------------------------------------------------
@@ -126,12 +144,15 @@ def _robust_cell(r: Any) -> str:
 
 
 def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
-                  plots: list[str]) -> str:
+                  plots: list[str], progress: Any = None) -> str:
     from benchmark.report.leaderboard import render_markdown
 
     suite = plan.suite
     first = frame.iloc[0] if len(frame) else None
     parts = [f"# genbench leaderboard: `{md_escape(suite.name)}`\n"]
+    if progress is not None and progress.partial:
+        parts.append(f"**partial: {progress.done} of {progress.total} jobs done** "
+                     f"({progress.pending} pending): the run is not finished.\n")
     if first is not None:
         parts.append(
             f"Dataset `{md_escape(first['dataset'])}`, subset `{md_escape(first['subset_id'])}` "
@@ -148,13 +169,15 @@ def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                "NFE/pred", "flags"]
     for tm, part in (table.groupby("threat_model", sort=True) if len(table) else []):
         parts.append(f"## {md_escape(tm)}\n")
-        rows = [["" if pd.isna(r["rank"]) else int(r["rank"]), md_escape(r["defense"]),
+        rows = [[_rank_cell(r), md_escape(r["defense"]),
                  f"{r['eps']:g}", pct(r["clean"]), _robust_cell(r),
                  md_escape(r["worst_attack"] or ""),
                  f"{r['nfe_per_pred']:g}" if is_number(r["nfe_per_pred"]) else "",
                  md_escape(r["flags"].replace(";", ", "))] for _, r in part.iterrows()]
         parts.append(tabulate(rows, headers=headers, tablefmt="github",
                               disable_numparse=True))
+        if not part["complete"].all():
+            parts.append(f"\n{NOT_RANKED_NOTE}")
         plot = f"plots/robust_vs_eps_{_slug(str(tm))}.png"
         if plot in plots:
             parts.append(f"\n![robust accuracy vs epsilon, {md_escape(tm)}]({plot})")
@@ -290,6 +313,8 @@ def _cell(key: str, r: Any, numeric: bool) -> str:
         inner = "".join(f'<span class="flag" title="{_e(FLAG_HELP.get(f, ""))}">{_e(f)}</span>'
                         for f in names)
         return f'<td data-v="{_e(len(names))}">{inner}</td>'
+    elif key == "rank" and not is_number(v):
+        shown, sort = _rank_cell(r), ""
     elif numeric:
         shown = "" if not is_number(v) else (f"{int(v)}" if key in ("rank", "n", "attacks")
                                         else f"{float(v):g}")
@@ -400,7 +425,8 @@ def write_plots(table: pd.DataFrame, out: Path) -> list[str]:
         ax.set_ylim(-2, 102)
         ax.set_title(f"robust accuracy vs epsilon: {tm}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if ax.lines:  # a partial or failed run may have no worst case to plot yet
+            ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         name = f"robust_vs_eps_{_slug(str(tm))}.png"
         fig.savefig(out / name)
@@ -416,7 +442,12 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
     from benchmark.report.leaderboard import write_csv
 
     run = Path(run)
+    from benchmark.report.tables import run_progress
+    from benchmark.store import Store
+
     frame, plan, kinds = load_run(run)
+    with Store(run / "runs.sqlite") as store:
+        progress = run_progress(store, plan)
     out = Path(dest) / _slug(plan.suite.name)
     out.mkdir(parents=True, exist_ok=True)
     table = ranked(frame, kinds)
@@ -433,7 +464,7 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
             plots.append(f"plots/{png.name}")
     if (run / "suite.toml").is_file():  # the effective suite: what reproduces this table
         shutil.copy2(run / "suite.toml", out / "suite.toml")
-    (out / "README.md").write_text(render_readme(frame, table, plan, plots))
+    (out / "README.md").write_text(render_readme(frame, table, plan, plots, progress))
     (out / "index.html").write_text(render_html(frame, table, plan, plots))
     _write_index(Path(dest))
     return out

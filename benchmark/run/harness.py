@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from benchmark.run.executors import make_executor
 from benchmark.run.lock import run_lock
 from benchmark.spec.fingerprint import KEY_VERSION
 from benchmark.spec.plan import Plan, plan_suite
+from benchmark.spec.stored import plan_record
 from benchmark.spec.suite import Suite
 from benchmark.store import Store
 from benchmark.version import code_version
@@ -90,7 +92,8 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
                 fresh: bool, retry_errors: bool, rerun_stale: bool, progress: str,
                 ray_address: str | None) -> RunSummary:
     ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
-                       num_cpus=suite.num_cpus, num_gpus=suite.num_gpus)
+                       num_cpus=suite.num_cpus, num_gpus=suite.num_gpus,
+                       job_timeout_s=suite.job_timeout_s)
     plan = plan_suite(suite, limit=limit, cache=ex.cache)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "runs.sqlite"
@@ -102,7 +105,8 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
         "suite": suite.name, "source": suite.source, "suite_sha256": suite.sha256,
         "subset": plan.subset.id, "subset_hash": plan.subset.short_hash,
         "limit": limit, "n_samples": len(plan.sample_ids),
-        "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped}, indent=1))
+        "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped, **plan_record(plan)},
+        indent=1))
     version = code_version()
     with Store(db) as store:
         store.set_meta("suite", suite.name)
@@ -129,6 +133,7 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
                                           s["reason"]) for s in plan.skipped):
             say(f"skipped: {d} / {a} / {t}: {why}")
         errors = 0
+        shared = Counter(j.key for j in plan.jobs)
         bar = tqdm(total=len(plan.jobs), initial=resumed, desc=f"genbench {suite.name}",
                    unit="job", disable=(progress != "bar"), dynamic_ncols=True)
         try:
@@ -137,7 +142,7 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
                 if result.status != "done":
                     errors += 1
                     say(f"error: {job.label()}: {result.error}")
-                bar.update(1)
+                bar.update(shared[job.key])  # the plan's jobs under this key
                 if progress == "plain":
                     say(f"[{resumed + i}/{len(plan.jobs)}] {job.label()} "
                         f"{result.status} in {result.wall_s:.1f}s")

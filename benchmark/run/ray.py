@@ -5,6 +5,12 @@ task, fractional GPUs allowed), results come back to the driver in completion or
 driver alone writes the store. A task whose worker dies is retried ``max_retries`` times; a job
 that still fails becomes an error result, so the run goes on and ``--retry-errors`` picks it up.
 
+With a suite's ``job_timeout_s``, at most as many tasks as the cluster has room for (its CPUs /
+``num_cpus``, and GPUs / ``num_gpus``) are in flight, so that a task's clock starts when it is
+submitted; a task over time is cancelled (``ray.cancel(force=True)`` kills its worker) and
+becomes the error result "timed out after N s". The time includes the worker's start-up and any
+retries after a lost worker.
+
 ``address`` connects to an existing cluster (``ray.init(address=...)``); nothing answering there
 is a clear error within ``connect_timeout`` seconds, never a hang. Without ``address`` a local
 cluster with ``workers`` CPUs is started for the run and shut down after it.
@@ -15,10 +21,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from benchmark.plugins.cache import DefenseCache
+from benchmark.run.executors import check_timeout, error_result, timeout_message
 from benchmark.run.runner import execute
 from benchmark.spec.jobs import JobResult, JobSpec
 
@@ -52,7 +61,7 @@ class RayExecutor:
 
     def __init__(self, workers: int | None = None, address: str | None = None, *,
                  num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2,
-                 connect_timeout: float = 30) -> None:
+                 connect_timeout: float = 30, job_timeout_s: float | None = None) -> None:
         self.cache = DefenseCache()  # the driver's, for planning; Ray workers build their own
         try:
             import ray  # noqa: F401
@@ -72,6 +81,7 @@ class RayExecutor:
         self.num_gpus = num_gpus
         self.max_retries = max_retries
         self.connect_timeout = connect_timeout
+        self.job_timeout_s = check_timeout(job_timeout_s)
 
     # -- cluster ----------------------------------------------------------------------------
     def _connect(self) -> bool:
@@ -116,6 +126,16 @@ class RayExecutor:
         return True
 
     # -- jobs -------------------------------------------------------------------------------
+    def _room(self) -> int:
+        """Tasks the cluster runs at once (its CPUs and GPUs over one task's share)."""
+        import ray
+
+        res = ray.cluster_resources()
+        room = int(res.get("CPU", 0) // self.num_cpus)
+        if self.num_gpus > 0:
+            room = min(room, int(res.get("GPU", 0) // self.num_gpus))
+        return max(1, room)
+
     def map(self, jobs: Sequence[JobSpec]) -> Iterator[tuple[JobSpec, JobResult]]:
         if not jobs:
             return
@@ -126,23 +146,38 @@ class RayExecutor:
         task: Any = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                max_retries=self.max_retries)(_run_job)
         threads = max(1, int(self.num_cpus))
-        pending: dict[Any, JobSpec] = {task.remote(job, device, threads): job for job in jobs}
+        todo: deque[JobSpec] = deque(jobs)
+        pending: dict[Any, tuple[JobSpec, float]] = {}
+        limit = self.job_timeout_s
         try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+            while todo or pending:
+                # without a timeout every task is submitted at once (Ray queues them); with
+                # one, only what the cluster runs at once, so that the clock starts on time
+                room = len(todo) if limit is None else self._room() - len(pending)
+                for _ in range(min(room, len(todo))):
+                    job = todo.popleft()
+                    pending[task.remote(job, device, threads)] = (job, time.monotonic())
+                wait_s = None if limit is None else max(
+                    0.0, min(t for _, t in pending.values()) + limit - time.monotonic())
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
                 for ref in done:
-                    job = pending.pop(ref)
+                    job, _started = pending.pop(ref)
                     try:
                         result = ray.get(ref)
                     except Exception as exc:  # worker lost after all retries: an error row
-                        result = JobResult(key=job.key, status="error", outcomes=[],
-                                           k=job.k_draws, wall_s=0.0,
-                                           error=f"ray task failed after {self.max_retries} "
-                                                 f"retries: {type(exc).__name__}: {exc}")
+                        result = error_result(job, f"ray task failed after {self.max_retries} "
+                                                   f"retries: {type(exc).__name__}: {exc}")
                     yield job, result
+                if limit is None:
+                    continue
+                now = time.monotonic()
+                for ref, (job, started) in list(pending.items()):
+                    if now - started >= limit:
+                        del pending[ref]
+                        ray.cancel(ref, force=True)  # kills the worker running it
+                        yield job, error_result(job, timeout_message(limit), now - started)
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
             if owned:
                 ray.shutdown()
-

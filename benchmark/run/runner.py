@@ -1,8 +1,20 @@
 """Execute one job: build (or reuse) the defense, attack a shard, re-check, score with K draws.
 
 This is the only code that touches plug-ins at run time, and it is shared by every executor, so
-a job gives the same result wherever it runs. Anything a plug-in raises, and any output of the
-wrong shape or with NaNs, becomes an error result for that job; the run goes on.
+a job gives the same result wherever it runs. Anything a plug-in raises (``sys.exit`` included,
+and a ``KeyboardInterrupt`` it raises itself; a real Ctrl-C still stops the run), and any output
+of the wrong shape or with NaNs on the clean inputs, becomes an error result for that job; the
+run goes on. An attack that raises is an error result too.
+
+Scoring the adversarial examples is per sample: a defense that returns non-finite logits for an
+adversarial example, or raises while scoring a chunk of them, makes those samples *not robust*,
+with the reason recorded (prefixed :data:`DEFENSE_FAILED`) and counted in ``n_errors`` as threat
+violations are; the job (and the worst case over attacks) stays complete. Out-of-memory errors
+are not a property of the defense and still make the job an error.
+
+The global random generators (``random``, NumPy, torch) are seeded from ``job.run_seed`` at the
+start of every job, so a plug-in drawing from them is reproducible per job, whichever executor
+or worker runs it.
 
 Jobs on density defenses (``kind = "density"``) are scored by :func:`execute_density`: log p,
 bits/dim and PNG complexity of every sample before and after the attack, plus the attack's
@@ -11,8 +23,13 @@ objective curve, instead of K-draw correct-counts.
 
 from __future__ import annotations
 
+import random
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -47,14 +64,33 @@ def shard_data(job: JobSpec, device: torch.device) -> tuple[Tensor, Tensor, int]
     return split.x[rows].to(device), split.y[rows].to(device), ds.num_classes
 
 
-def check_logits(out: Any, batch: int, num_classes: int, who: str) -> Tensor:
+#: prefix of the per-sample error of an adversarial example the defense failed on (non-finite
+#: logits, or an exception while scoring it): scored not robust, like a threat violation.
+DEFENSE_FAILED = "defense failed on the adversarial example: "
+
+
+def seed_globals(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all devices) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError)
+
+
+def check_logits(out: Any, batch: int, num_classes: int, who: str, *,
+                 finite: bool = True) -> Tensor:
+    """``out`` as logits of shape (batch, num_classes); with ``finite`` (the default) they
+    must also be finite. Raises :class:`PluginOutputError` otherwise."""
     if not isinstance(out, Tensor):
         raise PluginOutputError(f"{who} returned {type(out).__name__}, expected a logits tensor")
     if out.shape != (batch, num_classes):
         raise PluginOutputError(
             f"{who} returned shape {tuple(out.shape)}, expected logits of shape "
             f"({batch}, {num_classes})")
-    if not torch.isfinite(out).all():
+    if finite and not torch.isfinite(out).all():
         bad = int((~torch.isfinite(out)).any(dim=1).sum())
         raise PluginOutputError(f"{who} returned non-finite logits for {bad} of {batch} samples")
     return out
@@ -92,6 +128,53 @@ def adversarial_counts(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor
     reseed(seed)
     logits = check_logits(defense(x_adv), len(x_adv), num_classes, who)
     return (logits.argmax(dim=1) == y).long() * k
+
+
+@torch.no_grad()
+def score_adversarial(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor, k: int,
+                      num_classes: int, batch_size: int, who: str
+                      ) -> tuple[Tensor, list[str | None]]:
+    """:func:`adversarial_counts`, tolerant per sample: ``(counts, reasons)`` where a sample
+    whose K draws include non-finite logits, or whose chunk made the defense raise, counts 0
+    and has a reason (starting with :data:`DEFENSE_FAILED`); other samples have None. Output
+    of the wrong type or shape, and out-of-memory errors, still raise."""
+    n = len(x_adv)
+    counts = torch.zeros(n, dtype=torch.long, device=x_adv.device)
+    reasons: list[str | None] = [None] * n
+    seed = getattr(attack, "pinned_seed", None)
+    if seed is not None:  # the fixed-noise diagnostic: its pinned draw counts for all K
+        reseed = getattr(defense, "reseed", None)
+        if not callable(reseed):
+            raise PluginOutputError(f"{who} has no reseed(seed); attack {attack!r} pins its "
+                                    "noise")
+        reseed(seed)
+        spans = [(0, n, 1, k)]
+    else:
+        per_chunk = max(1, batch_size // k)
+        spans = [(s, min(n, s + per_chunk), k, 1) for s in range(0, n, per_chunk)]
+    for start, stop, draws, weight in spans:
+        xb, yb = x_adv[start:stop], y[start:stop]
+        rep = xb.repeat_interleave(draws, dim=0) if draws > 1 else xb
+        try:
+            out = defense(rep)
+        except Exception as exc:
+            if out_of_memory(exc):
+                raise
+            message = " ".join(str(exc).split())  # one line, stored once per sample
+            message = message if len(message) <= 300 else message[:297] + "..."
+            why = f"{DEFENSE_FAILED}raised {type(exc).__name__}: {message}"
+            reasons[start:stop] = [why] * (stop - start)
+            continue
+        logits = check_logits(out, len(rep), num_classes, who, finite=False)
+        finite = torch.isfinite(logits).all(dim=1).view(len(xb), draws)
+        hits = (logits.argmax(dim=1) == yb.repeat_interleave(draws)).view(len(xb), draws)
+        counts[start:stop] = (hits & finite).sum(dim=1) * weight
+        for i in (~finite.all(dim=1)).nonzero().flatten().tolist():
+            bad = int((~finite[i]).sum())
+            counts[start + i] = 0
+            reasons[start + i] = (f"{DEFENSE_FAILED}non-finite logits in {bad} of {draws} "
+                                  f"draw{'s' if draws > 1 else ''}")
+    return counts, reasons
 
 
 def _jsonable(value: Any) -> Any:
@@ -236,89 +319,143 @@ def execute_density(job: JobSpec, defense: nn.Module, x: Tensor, y: Tensor,
                 x_adv=np.concatenate(advs) if advs else None, budget=budget)
 
 
+class _Sigint:
+    """Whether a real SIGINT (Ctrl-C) arrived while a job ran."""
+
+    fired = False
+
+
+@contextmanager
+def _watch_sigint() -> Iterator[_Sigint]:
+    """Record real SIGINTs (then behave as before) so that :func:`execute` can tell a Ctrl-C
+    from a ``KeyboardInterrupt`` a plug-in raised itself. Signals reach only the main thread,
+    and only a callable handler raises ``KeyboardInterrupt``: elsewhere nothing is installed
+    and any ``KeyboardInterrupt`` comes from a plug-in."""
+    watch = _Sigint()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield watch
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        watch.fired = True
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield watch
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _error_result(job: JobSpec, t0: float, versions: dict[str, str], exc: BaseException,
+                  what: str | None = None) -> JobResult:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    return JobResult(key=job.key, status="error", outcomes=[], k=job.k_draws,
+                     wall_s=time.perf_counter() - t0,
+                     error=f"{what or f'{type(exc).__name__}: {exc}'}{where}",
+                     plugin_versions=versions)
+
+
 def execute(job: JobSpec, device: str | None = None,
             cache: DefenseCache | None = None) -> JobResult:
-    """Run one job; never raises for plug-in failures (they become an error result)."""
+    """Run one job; never raises for plug-in failures (they become an error result), including
+    ``sys.exit`` and a ``KeyboardInterrupt`` raised by a plug-in. A real Ctrl-C (SIGINT while
+    the job runs) propagates."""
     t0 = time.perf_counter()
-    dev = resolve_device(device)
     versions: dict[str, str] = {}
-    try:
-        versions["defense"] = str(DEFENSES.provenance(job.defense.name))
-        defense = job.build_defense(cache if cache is not None else DefenseCache(), dev)
-        kind, stochastic, nfe = describe(defense)
-        k = job.k_draws if stochastic else 1
-        reseed = getattr(defense, "reseed", None)
-        if callable(reseed):
-            reseed(job.run_seed)
-        x, y, num_classes = shard_data(job, dev)
-        if kind == "density":
-            if job.attack is not None:
-                versions["attack"] = str(ATTACKS.provenance(job.attack.name))
-                versions["threat_model"] = str(THREAT_MODELS.provenance(str(job.threat)))
-            parts = execute_density(job, defense, x, y, dev)
-            # one reported log p per sample: K-draw voting is a classifier protocol
-            return JobResult(key=job.key, status="done", k=1, wall_s=time.perf_counter() - t0,
-                             nfe_per_pred=float(nfe), stochastic=stochastic,
-                             plugin_versions=versions, **parts)
-        who = f"defense {job.defense.id!r}"
-        budget: dict[str, Any] = {}
-        extras: dict[str, list[Any]] = {}
-        grad_evals = 0
-        x_adv_np: np.ndarray | None = None
-        if job.is_clean:
-            counts = correct_counts(defense, x, y, k, num_classes, job.batch_size, who)
-            outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
-                                                                    counts.tolist(), strict=True)]
-            if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
-                extras["grad_diagnostics"] = [safe_diagnostics(defense, x, y)]
-        else:
-            assert job.attack is not None and job.threat is not None and job.eps is not None
+    with _watch_sigint() as sigint:
+        try:
+            return _execute(job, device, cache, versions, t0)
+        except KeyboardInterrupt as exc:
+            if sigint.fired:
+                raise
+            return _error_result(job, t0, versions, exc,
+                                 "KeyboardInterrupt raised by a plug-in (not a Ctrl-C)")
+        except SystemExit as exc:
+            return _error_result(job, t0, versions, exc,
+                                 f"SystemExit: a plug-in called sys.exit({exc.code!r})")
+        except Exception as exc:  # a failing plug-in is an error row; the run goes on
+            return _error_result(job, t0, versions, exc)
+
+
+def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
+             versions: dict[str, str], t0: float) -> JobResult:
+    dev = resolve_device(device)
+    seed_globals(job.run_seed)  # a defense built here draws the same, cached or not
+    versions["defense"] = str(DEFENSES.provenance(job.defense.name))
+    defense = job.build_defense(cache if cache is not None else DefenseCache(), dev)
+    seed_globals(job.run_seed)  # ... and the job's plug-ins as well
+    kind, stochastic, nfe = describe(defense)
+    k = job.k_draws if stochastic else 1
+    reseed = getattr(defense, "reseed", None)
+    if callable(reseed):
+        reseed(job.run_seed)
+    x, y, num_classes = shard_data(job, dev)
+    if kind == "density":
+        if job.attack is not None:
             versions["attack"] = str(ATTACKS.provenance(job.attack.name))
-            versions["threat_model"] = str(THREAT_MODELS.provenance(job.threat))
-            with torch.no_grad():  # a malformed defense fails here, with a clear message
-                check_logits(defense(x[:2]), len(x[:2]), num_classes, who)
-            threat = THREAT_MODELS.get(job.threat)(job.eps)
-            attack = ATTACKS.get(job.attack.name)(**job.attack.kwargs())
-            generator = torch.Generator(device=dev)
-            generator.manual_seed(job.run_seed + 1)
-            outcomes = []
-            advs = []
-            for start in range(0, len(x), job.batch_size):
-                xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
-                ids = job.sample_ids[start:start + job.batch_size]
-                result = attack.run(defense, xb, yb, threat, generator=generator)
-                grad_evals += int(getattr(result, "grad_evals", 0))
-                x_adv = result.x_adv.detach()
-                if not isinstance(x_adv, Tensor) or x_adv.shape != xb.shape:
-                    raise PluginOutputError(
-                        f"attack {job.attack.id!r} returned x_adv of shape "
-                        f"{tuple(getattr(x_adv, 'shape', ()))}, expected {tuple(xb.shape)}")
-                params = result.params.detach() if result.params is not None else None
-                viol = threat.violations(xb, x_adv, params)
-                dist = threat.distance(xb, x_adv, params)
-                safe = torch.where(viol.mask.view(-1, *[1] * (xb.dim() - 1)), xb, x_adv)
-                safe = torch.nan_to_num(safe)
-                counts = adversarial_counts(defense, attack, safe, yb, k, num_classes,
-                                            job.batch_size, who)
-                for sid, c, why, d in zip(ids, counts.tolist(), viol.per_sample,
-                                          dist.tolist(), strict=True):
-                    outcomes.append(SampleOutcome(int(sid), 0 if why else int(c), d, why))
-                for key, value in result.extras.items():
-                    extras.setdefault(key, []).append(_jsonable(value))
-                advs.append(x_adv.float().cpu().numpy())
-            x_adv_np = np.concatenate(advs) if advs else None
-            # read after running: some attacks resolve their budget per defense (AutoAttack
-            # "auto" picks standard or rand)
-            budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
-        return JobResult(
-            key=job.key, status="done", outcomes=outcomes, k=k,
-            wall_s=time.perf_counter() - t0, grad_evals=grad_evals,
-            nfe_per_pred=float(nfe * k), stochastic=stochastic, budget=budget,
-            plugin_versions=versions, x_adv=x_adv_np, extras=extras,
-        )
-    except Exception as exc:  # a failing plug-in is an error row; the run goes on
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
-        return JobResult(key=job.key, status="error", outcomes=[], k=job.k_draws,
-                         wall_s=time.perf_counter() - t0,
-                         error=f"{type(exc).__name__}: {exc}{where}", plugin_versions=versions)
+            versions["threat_model"] = str(THREAT_MODELS.provenance(str(job.threat)))
+        parts = execute_density(job, defense, x, y, dev)
+        # one reported log p per sample: K-draw voting is a classifier protocol
+        return JobResult(key=job.key, status="done", k=1, wall_s=time.perf_counter() - t0,
+                         nfe_per_pred=float(nfe), stochastic=stochastic,
+                         plugin_versions=versions, **parts)
+    who = f"defense {job.defense.id!r}"
+    budget: dict[str, Any] = {}
+    extras: dict[str, list[Any]] = {}
+    grad_evals = 0
+    x_adv_np: np.ndarray | None = None
+    if job.is_clean:
+        counts = correct_counts(defense, x, y, k, num_classes, job.batch_size, who)
+        outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
+                                                                counts.tolist(), strict=True)]
+        if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
+            extras["grad_diagnostics"] = [safe_diagnostics(defense, x, y)]
+    else:
+        assert job.attack is not None and job.threat is not None and job.eps is not None
+        versions["attack"] = str(ATTACKS.provenance(job.attack.name))
+        versions["threat_model"] = str(THREAT_MODELS.provenance(job.threat))
+        with torch.no_grad():  # a malformed defense fails here, with a clear message
+            check_logits(defense(x[:2]), len(x[:2]), num_classes, who)
+        threat = THREAT_MODELS.get(job.threat)(job.eps)
+        attack = ATTACKS.get(job.attack.name)(**job.attack.kwargs())
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(job.run_seed + 1)
+        outcomes = []
+        advs = []
+        for start in range(0, len(x), job.batch_size):
+            xb, yb = x[start:start + job.batch_size], y[start:start + job.batch_size]
+            ids = job.sample_ids[start:start + job.batch_size]
+            result = attack.run(defense, xb, yb, threat, generator=generator)
+            grad_evals += int(getattr(result, "grad_evals", 0))
+            x_adv = result.x_adv.detach()
+            if not isinstance(x_adv, Tensor) or x_adv.shape != xb.shape:
+                raise PluginOutputError(
+                    f"attack {job.attack.id!r} returned x_adv of shape "
+                    f"{tuple(getattr(x_adv, 'shape', ()))}, expected {tuple(xb.shape)}")
+            params = result.params.detach() if result.params is not None else None
+            viol = threat.violations(xb, x_adv, params)
+            dist = threat.distance(xb, x_adv, params)
+            safe = torch.where(viol.mask.view(-1, *[1] * (xb.dim() - 1)), xb, x_adv)
+            safe = torch.nan_to_num(safe)
+            counts, failed = score_adversarial(defense, attack, safe, yb, k, num_classes,
+                                               job.batch_size, who)
+            for sid, c, why, fail, d in zip(ids, counts.tolist(), viol.per_sample, failed,
+                                            dist.tolist(), strict=True):
+                reason = why or fail  # a threat violation was not scored at all
+                outcomes.append(SampleOutcome(int(sid), 0 if reason else int(c), d, reason))
+            for key, value in result.extras.items():
+                extras.setdefault(key, []).append(_jsonable(value))
+            advs.append(x_adv.float().cpu().numpy())
+        x_adv_np = np.concatenate(advs) if advs else None
+        # read after running: some attacks resolve their budget per defense (AutoAttack
+        # "auto" picks standard or rand)
+        budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
+    return JobResult(
+        key=job.key, status="done", outcomes=outcomes, k=k,
+        wall_s=time.perf_counter() - t0, grad_evals=grad_evals,
+        nfe_per_pred=float(nfe * k), stochastic=stochastic, budget=budget,
+        plugin_versions=versions, x_adv=x_adv_np, extras=extras,
+    )

@@ -13,6 +13,7 @@ the threat models with their epsilons::
     shard_size = 100       # samples per job (the unit of resumption and of distribution)
     num_cpus = 1           # resources of one job under the ray executor (fractions allowed)
     num_gpus = 0
+    # job_timeout_s = 600  # stop a job after this long (process and ray executors; not local)
 
     [[defenses]]
     name = "undefended"                 # registry name or "package.module:Class"
@@ -130,6 +131,9 @@ class Suite:
     #: resources of one job as a Ray task (``--executor ray``); other executors ignore them.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    #: seconds after which the process and ray executors stop a job and store it as an error
+    #: result (None: no limit). Not part of a job's key: changing it does not invalidate results.
+    job_timeout_s: float | None = None
     #: the ``dataset_params`` table as canonical JSON (:func:`freeze`)
     dataset_params: str = NO_PARAMS
     description: str = ""
@@ -142,7 +146,7 @@ class Suite:
 
 
 _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
-               "dataset_params", "description", "num_cpus", "num_gpus"}
+               "dataset_params", "description", "num_cpus", "num_gpus", "job_timeout_s"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
 #: per section, the key that restricts an entry to some ids of the other section
 _PAIRING_KEY = {"defenses": "attacks", "attacks": "defenses"}
@@ -345,6 +349,11 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
             raise ctx.error(f"suite.{res_key}", f"must be {'>= 0' if zero_ok else '> 0'}, "
                                             f"got {raw!r}")
         resources[res_key] = float(raw)
+    timeout = head.get("job_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout < float("inf")):
+        raise ctx.error("suite.job_timeout_s", f"expected a positive number of seconds, got "
+                                               f"{timeout!r}")
     defenses = _plugins(ctx, doc, "defenses")
     attacks = _plugins(ctx, doc, "attacks")
     threat_models = _threats(ctx, doc)
@@ -352,6 +361,7 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
     return Suite(
         num_cpus=resources["num_cpus"],
         num_gpus=resources["num_gpus"],
+        job_timeout_s=None if timeout is None else float(timeout),
         name=_typed(ctx, head, "name", "suite", str, _REQUIRED),
         dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
         subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),

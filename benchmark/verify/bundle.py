@@ -321,12 +321,12 @@ def _overrides(defenses: list[str] | None, suite: Any) -> tuple[dict[str, str | 
         raise ValueError(f"--defense {unknown[0]!r}: no defense with that id in the trusted "
                          f"suite (ids: {', '.join(sorted(ids))})")
     alias: dict[str, str] = {}
-    for did, ref in overrides.items():
-        if ref:
-            if ids[did] in alias and alias[ids[did]] != ref:
-                raise ValueError(f"--defense {did}={ref}: another id of the same defense "
+    for did, given in overrides.items():
+        if given:
+            if ids[did] in alias and alias[ids[did]] != given:
+                raise ValueError(f"--defense {did}={given}: another id of the same defense "
                                  f"{ids[did]!r} is rebuilt from {alias[ids[did]]!r}")
-            alias[ids[did]] = ref
+            alias[ids[did]] = given
     return overrides, alias
 
 
@@ -379,7 +379,7 @@ def _exact_counts(defense: Any, x: Any, y: Any, k: int, num_classes: int, batch_
     import torch
 
     from benchmark.plugins.cache import PluginOutputError
-    from benchmark.run.runner import check_logits
+    from benchmark.run.runner import check_logits, out_of_memory
 
     counts, ties = [], []
     with torch.no_grad():
@@ -391,12 +391,21 @@ def _exact_counts(defense: Any, x: Any, y: Any, k: int, num_classes: int, batch_
                     raise PluginOutputError(f"{who} has no reseed(seed), but the attack pins "
                                             "its noise")
                 reseed(pinned_seed)
-            logits = check_logits(defense(xb), len(xb), num_classes, who).double()
+            try:
+                out = defense(xb)
+            except Exception as exc:  # as the runner scores it: those samples are not robust
+                if out_of_memory(exc):
+                    raise
+                counts.append(torch.zeros(len(xb), dtype=torch.long, device=xb.device))
+                ties.append(torch.zeros(len(xb), dtype=torch.bool, device=xb.device))
+                continue
+            logits = check_logits(out, len(xb), num_classes, who, finite=False).double()
+            finite = torch.isfinite(logits).all(dim=1)
             true = logits.gather(1, yb.view(-1, 1)).squeeze(1)
             other = logits.scatter(1, yb.view(-1, 1), float("-inf")).max(dim=1).values
             scale = logits.abs().max(dim=1).values.clamp(min=1.0)
-            counts.append((logits.argmax(dim=1) == yb).long() * k)
-            ties.append((true - other).abs() <= tie_tol * scale)
+            counts.append(((logits.argmax(dim=1) == yb) & finite).long() * k)
+            ties.append(((true - other).abs() <= tie_tol * scale) & finite)
     return torch.cat(counts).cpu().numpy(), torch.cat(ties).cpu().numpy()
 
 
@@ -433,8 +442,8 @@ def _leaderboard(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
                 nfe_per_pred=float(nfe) if isinstance(nfe, int | float) else math.nan,
                 stochastic=stochastic, budget=job["budget"],
                 plugin_versions={str(a): str(b) for a, b in job["plugin_versions"].items()}),
-                "verify")
-        return build_leaderboard(store, plan, "verify")
+                str(job.get("code_version") or "verify"))
+        return build_leaderboard(store, plan)
 
 
 def _test_draws(jobs: dict[str, tuple[Any, Any]], stochastic_draws: dict[str, Any],
@@ -507,7 +516,13 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
 
     from benchmark.api.defense import describe
     from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
-    from benchmark.run.runner import correct_counts, resolve_device, shard_data
+    from benchmark.run.runner import (
+        DEFENSE_FAILED,
+        correct_counts,
+        resolve_device,
+        score_adversarial,
+        shard_data,
+    )
     from benchmark.spec.plan import plan_suite
     from benchmark.verify.claims import check_row, label, match
 
@@ -545,8 +560,8 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
             did, params))
         k, stochastic = defense_k[spec.key]
         if claimed != {(k, stochastic)}:
-            got = ", ".join(f"stochastic={s}, K={kk}" for kk, s in sorted(claimed))
-            report.fail(f"jobs.json: defense {did} claims {got}; the rebuilt defense is "
+            said = ", ".join(f"stochastic={s}, K={kk}" for kk, s in sorted(claimed))
+            report.fail(f"jobs.json: defense {did} claims {said}; the rebuilt defense is "
                         f"{'stochastic' if stochastic else 'deterministic'} (K={k})")
     # -- recorded outcomes cover each finished classifier job's shard ----------------------
     for key, (spec, job) in jobs.items():
@@ -591,8 +606,11 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
             continue
         adv[key] = x_adv
         recorded = content.outcomes.get(key, {})
-        bad = np.array([bool(recorded.get(s, (0, ""))[1]) for s in spec.sample_ids])
-        threat = THREAT_MODELS.get(str(spec.threat))(spec.eps)
+        # a recorded error is a claimed threat violation, unless the defense failed on a valid
+        # adversarial example (scored not robust; re-scoring below checks it)
+        bad = np.array([bool(recorded.get(s, (0, ""))[1]) and not recorded[s][1].startswith(
+            DEFENSE_FAILED) for s in spec.sample_ids])
+        threat = THREAT_MODELS.get(str(spec.threat))(float(spec.eps or 0.0))
         if getattr(threat, "needs_params", False):
             unverifiable.add(f"{spec.threat} ({spec.attack_id})")
             invalid[key] = bad
@@ -646,8 +664,12 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
                 x = torch.where(mask, x, torch.nan_to_num(torch.from_numpy(adv[key]).to(dev)))
             who = f"defense {did!r}"
             if stochastic and pinned is None:
-                c = correct_counts(defense, x, y, k, num_classes, spec.batch_size,
-                                   who).cpu().numpy()
+                if spec.is_clean:
+                    c = correct_counts(defense, x, y, k, num_classes, spec.batch_size,
+                                       who).cpu().numpy()
+                else:  # non-finite or raising draws count as not robust, as the runner does
+                    c = score_adversarial(defense, None, x, y, k, num_classes, spec.batch_size,
+                                          who)[0].cpu().numpy()
                 near = None
             else:
                 c, near = _exact_counts(defense, x, y, k, num_classes, spec.batch_size, who,
@@ -670,10 +692,10 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
                             differ.append((sid, want, int(c[i])))
                 n_exact += len(c)
                 if differ:
-                    sid, want, got = differ[0]
+                    sid, want, again = differ[0]
                     report.fail(f"outcomes.csv: {len(differ)} of {len(c)} samples of "
                                 f"{spec.label()} re-score differently (sample {sid}: "
-                                f"recorded {want}, re-scored {got})")
+                                f"recorded {want}, re-scored {again})")
             counts[key] = {int(s): int(v) for s, v in zip(spec.sample_ids, c, strict=True)}
         if n_exact:
             report.ok(f"per-sample outcomes: {n_exact} deterministic scores (deterministic "
@@ -702,20 +724,20 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
                     "in the trusted plan (fabricated, or its epsilon/ids were changed)")
     for claim in m.duplicates:
         report.fail(f"leaderboard.csv: the row {label(row_key(claim))} is claimed twice")
-    for key in m.dropped:
-        report.fail(f"leaderboard.csv: no row for {label(key)}, which the trusted plan's jobs "
+    for row_id in m.dropped:
+        report.fail(f"leaderboard.csv: no row for {label(row_id)}, which the trusted plan's jobs "
                     "produce (rows dropped)")
     if not (m.fabricated or m.duplicates or m.dropped):
         report.ok(f"leaderboard.csv: {len(m.pairs)} rows, one for each row the trusted plan "
                   "produces")
     unchecked = density = 0
-    for key, claim, row in m.pairs:
+    for row_id, claim, row in m.pairs:
         if row is None:
             density += 1
             continue
-        again = rescored_rows.get(key) if key[0] in rescored else None
-        unchecked += again is None
-        ok, msg = check_row(key, claim, row, again)
+        rerow = rescored_rows.get(row_id) if row_id[0] in rescored else None
+        unchecked += rerow is None
+        ok, msg = check_row(row_id, claim, row, rerow)
         (report.ok if ok else report.fail)(msg)
     if unchecked:
         why = "--no-rescore" if not rescore else "--defense restricts re-scoring"

@@ -125,14 +125,14 @@ def check_row(key: RowKey, claim: Any, recorded: Any, rescored: Any = None) -> t
             for c in differ))
     if problems:
         return False, f"{name}: " + "; ".join(problems)
-    claimed = (f"robust {float(claim['robust_acc']):.4f} [{float(claim['robust_ci_low']):.4f}, "
-               f"{float(claim['robust_ci_high']):.4f}], clean {float(claim['clean_acc']):.4f}")
+    shown = (f"robust {float(claim['robust_acc']):.4f} [{float(claim['robust_ci_low']):.4f}, "
+             f"{float(claim['robust_ci_high']):.4f}], clean {float(claim['clean_acc']):.4f}")
     if rescored is None:
-        return True, f"{name}: claimed {claimed} follow from outcomes.csv (not re-scored)"
+        return True, f"{name}: claimed {shown} follow from outcomes.csv (not re-scored)"
     if exact:
         return True, (f"{name}: re-scored robust {float(rescored['robust_acc']):.4f}, clean "
-                      f"{float(rescored['clean_acc']):.4f}; claimed {claimed} (exact: a "
+                      f"{float(rescored['clean_acc']):.4f}; claimed {shown} (exact: a "
                       "deterministic defense)")
-    return True, (f"{name}: claimed {claimed} follow from outcomes.csv (a stochastic defense: "
+    return True, (f"{name}: claimed {shown} follow from outcomes.csv (a stochastic defense: "
                   f"fresh draws re-score robust {float(rescored['robust_acc']):.4f}, clean "
                   f"{float(rescored['clean_acc']):.4f}; its draws are tested above)")

@@ -9,6 +9,10 @@ passes, fails (with the reason) or is skipped (with the reason):
 * ``range_edges``: all-0 and all-1 images give finite output;
 * ``determinism``: a deterministic defense gives identical outputs twice; a stochastic one is
   reproducible after ``reseed`` (and its draws actually vary);
+* ``independent_draws`` (stochastic defenses): the same image repeated in one batch gives
+  different outputs. The harness stacks a sample's K draws along the batch dimension, so a
+  defense that draws one noise tensor of shape (1, ...) and broadcasts it over the batch would
+  score K copies of a single draw;
 * ``gradients``: finite, non-zero input gradients, or (``differentiable = False``) a
   ``purify`` / ``head`` pair whose BPDA view has them;
 * ``batch_independence``: a sample's output does not depend on its batch mates (tolerance
@@ -51,8 +55,10 @@ SMOKE_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoke_autoattack": ("autoattack", {"attacks": ["apgd-ce"], "n_iter": 2}),
 }
 #: the checks after ``build``, in the order :func:`check_defense` runs and prints them.
-CHECKS: tuple[str, ...] = ("output_shape", "range_edges", "determinism", "gradients",
-                           "batch_independence", "device", "nfe", *SMOKE_ATTACKS)
+CHECKS: tuple[str, ...] = ("output_shape", "range_edges", "determinism", "independent_draws",
+                           "gradients", "batch_independence", "device", "nfe", *SMOKE_ATTACKS)
+#: copies of one image in the batch of the ``independent_draws`` check.
+DRAW_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class _Checker:
             "output_shape": self.output_shape,
             "range_edges": self.range_edges,
             "determinism": self.determinism,
+            "independent_draws": self.independent_draws,
             "gradients": self.gradients,
             "batch_independence": self.batch_independence,
             "device": self.device_handling,
@@ -216,6 +223,25 @@ class _Checker:
         varies = float((a - c).abs().max()) > 0
         note = "" if varies else "; note: different seeds gave identical outputs"
         return PASS, f"stochastic and reproducible after reseed{note}"
+
+    def independent_draws(self) -> tuple[str, str]:
+        if not self.stochastic:
+            return SKIP, "deterministic: a batch has no draws to compare"
+        copies = DRAW_COPIES
+        x = self.data.x[:1].expand(copies, *self.data.x.shape[1:]).contiguous()
+        out = self.out(x, seed=7).reshape(copies, -1)
+        if not torch.isfinite(out).all():
+            return FAIL, f"non-finite output on {copies} copies of one image"
+        distinct = int(torch.unique(out, dim=0).shape[0])
+        if distinct == 1:
+            return FAIL, (f"{copies} copies of one image in one batch gave {copies} identical "
+                          "outputs: the rows of a batch share one noise draw (noise of shape "
+                          "(1, ...) broadcast over the batch?). The harness stacks a sample's "
+                          "K draws along the batch, so all K would be the same draw; draw noise "
+                          "of the batch's full shape from generator_for(x)")
+        note = "" if distinct == copies else f" (note: only {distinct} distinct)"
+        return PASS, (f"{copies} copies of one image in one batch gave {distinct} different "
+                      f"outputs{note}: rows draw independently")
 
     def _loss(self, out: Tensor) -> Tensor:
         if self.kind == "classifier":
