@@ -686,3 +686,24 @@ def test_compare_pairs_the_worst_case_without_the_diagnostic(rich):
     fn = outcomes[("noisy", "fixed-noise", "linf", EPS_B)]["robust"]
     assert sum(fn.values()) < sum(outcomes[("noisy", "worst_case", "linf", EPS_B)]["robust"]
                                   .values())
+
+
+def test_defense_failing_on_adversarial_examples_verifies_and_cannot_be_forged(
+        tmp_path_factory, tmp_path, capsys):
+    """A defense that returns NaN on adversarial examples has those samples scored not robust
+    with a DEFENSE_FAILED reason: verify does not mistake them for claimed threat violations,
+    re-scores them the same way, and catches a forger who marks them robust."""
+    defenses = '[[defenses]]\nid = "nan"\nname = "tests.plugins:NaNOnAdversarial"\n'
+    made = _make(tmp_path_factory.mktemp("failing"), suite_text(defenses, eps="[0.1]"))
+    with sqlite3.connect(made.parent / "run" / "runs.sqlite") as conn:
+        reasons = {r for (r,) in conn.execute("SELECT error FROM samples WHERE error != ''")}
+    assert reasons and all(r.startswith("defense failed on the adversarial example") for r in
+                           reasons), reasons
+    rc, out = verify(capsys, made, made, "--trust-code")
+    assert rc == 0, out
+    assert "verified" in verdict(out) and "FAIL" not in out
+    bad = _resubmit(made, tmp_path, "UPDATE samples SET correct = 1, error = NULL WHERE job IN "
+                                    "(SELECT key FROM jobs WHERE attack = 'pgd' AND "
+                                    "defense = 'nan');")
+    rejected(*verify(capsys, bad, made, "--trust-code"),
+             "samples of nan / pgd linf eps=0.1 [shard 0] re-score differently")

@@ -536,7 +536,9 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
         return
     if not _match_plan(plan, content, source, report):
         return  # nothing of a bundle that is not the trusted plan is worth re-scoring
-    jobs = {k: (j, content.jobs[k]) for k, j in reversed([(j.key, j) for j in plan.jobs])}
+    jobs: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for spec in plan.jobs:  # ids that share a key: the first label, as make_bundle stores it
+        jobs.setdefault(spec.key, (spec, content.jobs[spec.key]))
     # -- errors, K and stochasticity of the rebuilt defenses ------------------------------
     errored = [(spec, job) for spec, job in jobs.values() if job["status"] != "done"]
     if errored and not allow_errors:
