@@ -9,7 +9,7 @@ passes, fails (with the reason) or is skipped (with the reason):
 * ``range_edges``: all-0 and all-1 images give finite output;
 * ``determinism``: a deterministic defense gives identical outputs twice; a stochastic one is
   reproducible after ``reseed`` (and its draws actually vary);
-* ``independent_draws`` (stochastic defenses): the same image repeated in one batch gives
+* ``independent_draws`` (stochastic classifiers): the same image repeated in one batch gives
   different outputs. The harness stacks a sample's K draws along the batch dimension, so a
   defense that draws one noise tensor of shape (1, ...) and broadcasts it over the batch would
   score K copies of a single draw;
@@ -227,6 +227,9 @@ class _Checker:
     def independent_draws(self) -> tuple[str, str]:
         if not self.stochastic:
             return SKIP, "deterministic: a batch has no draws to compare"
+        if self.kind != "classifier":
+            return SKIP, (f"kind {self.kind!r}: one reported value per sample, no K draws "
+                          "stacked along the batch")
         copies = DRAW_COPIES
         x = self.data.x[:1].expand(copies, *self.data.x.shape[1:]).contiguous()
         out = self.out(x, seed=7).reshape(copies, -1)
