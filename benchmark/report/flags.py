@@ -52,6 +52,9 @@ FLAG_HELP = {
                            "intervals (one of the two gradients is wrong)",
     "above_chance_at_sanity_eps": "accuracy is above chance at an epsilon that can turn every "
                                   "image into the same gray image: the attack must have failed",
+    "undeclared_randomness": "the defense declares stochastic = False, but two passes over the "
+                             "same images disagreed: it was scored as stochastic (K draws, EOT "
+                             "attacks planned), and its own declaration is wrong",
     "mixed_code_versions": "the row's jobs were computed by different code versions (a resumed "
                            "run); genbench run --rerun-stale recomputes the older ones",
 }
@@ -261,11 +264,31 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
     if evidence is not None:
         checks["bad_gradients"], checks["grad_randomness_no_eot"] = _gradients(frame, evidence)
         checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
+        checks["undeclared_randomness"] = frame["defense"].map(
+            lambda d: bool(evidence.diagnostics.get(str(d), {}).get("undeclared_randomness")))
     for name, hits in checks.items():
         for i, hit in hits.items():
             if hit:
                 names[i].append(name)
+    _roll_up(frame, names)
     return pd.Series({i: ";".join(v) for i, v in names.items()}, dtype=object)
+
+
+def _roll_up(frame: pd.DataFrame, names: dict[Any, list[str]]) -> None:
+    """Every flag of an attack row also on the ``worst_case`` row of its (defense, threat
+    model, epsilon): the ranked tables show only that row, and a worst case over a masked
+    attack is as doubtful as the attack. In place, each flag once, the row's own first
+    (``attack_error`` excepted: the worst case carries ``worst_case_incomplete``)."""
+    cell = ["defense", "defense_params", "threat_model", "eps"]
+    keys = [c for c in cell if c in frame.columns]
+    for _, part in frame.groupby(keys, dropna=False, sort=False):
+        worst = [i for i in part.index if part.at[i, "attack"] == WORST]
+        if not worst:
+            continue
+        below = [n for i in part.index if i not in worst for n in names[i]
+                 if n != "attack_error"]  # the worst case says worst_case_incomplete
+        for i in worst:
+            names[i] = list(dict.fromkeys(names[i] + below))
 
 
 def legend() -> list[tuple[str, str]]:

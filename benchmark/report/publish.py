@@ -105,6 +105,8 @@ def ranked(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
                          kind=kinds.get(str(defense), ""), n=base["n"],
                          clean=base["clean_acc"], robust=base["robust_acc"],
                          robust_low=base["robust_ci_low"], robust_high=base["robust_ci_high"],
+                         robust_mean=base.get("robust_acc_mean"),
+                         robust_worst_k=base.get("robust_acc_worst_of_k"),
                          worst_attack=(base["strongest_attack"] if len(worst)
                                        else base["attack"]),
                          attacks=int(len(attacks)),
@@ -292,6 +294,7 @@ _COLUMNS = [  # key, header, numeric
     ("rank", "rank", True), ("defense", "defense", False), ("kind", "kind", False),
     ("threat_model", "threat model", False), ("eps", "eps", True), ("n", "n", True),
     ("clean", "clean %", True), ("robust", "robust % [95% CI]", True),
+    ("robust_mean", "mean of K %", True), ("robust_worst_k", "worst of K %", True),
     ("worst_attack", "worst-case attack", False), ("attacks", "attacks", True),
     ("nfe_per_pred", "NFE/pred", True), ("flags", "flags", False),
 ]
@@ -306,7 +309,7 @@ def _cell(key: str, r: Any, numeric: bool) -> str:
     if key == "robust":
         shown = _robust_cell(r)
         sort = f"{float(v):.6g}" if is_number(v) else ""
-    elif key in ("clean",):
+    elif key in ("clean", "robust_mean", "robust_worst_k"):
         shown, sort = pct(v), (f"{float(v):.6g}" if is_number(v) else "")
     elif key == "flags":
         names = [f for f in str(v).split(";") if f]
@@ -345,8 +348,9 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                 f"{_e(first['subset_hash'])}, n = {len(plan.sample_ids)}), seed "
                 f"{_e(first['seed'])}, code {_e(all_code_versions(frame))}. Robust accuracy is "
                 "the worst case over all attacks per sample, with its 95% Wilson interval; "
-                "stochastic defenses are scored by majority vote over K draws. Click a column "
-                "header to sort. Canonical data: "
+                "stochastic defenses are scored by majority vote over K draws (beside it: mean "
+                "of K, one draw's expected accuracy; worst of K, a sample counts only if every "
+                "draw is right). Click a column header to sort. Canonical data: "
                 '<a href="leaderboard.csv">leaderboard.csv</a>.')
     legend = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in FLAG_HELP.items())
     imgs = "".join(f'<img src="{_e(p)}" alt="{_e(Path(p).stem)}">' for p in plots)
