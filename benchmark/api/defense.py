@@ -99,8 +99,58 @@ class Defense(nn.Module):
 def has_capability(defense: nn.Module, cap: str) -> bool:
     if isinstance(defense, Defense):
         return cap in defense.capabilities()
-    # A plain nn.Module is treated as a deterministic, differentiable classifier.
-    return cap in {"kind:classifier", "surrogate", "differentiable"}
+    # A plain nn.Module is treated as a differentiable classifier, deterministic unless found
+    # otherwise (:func:`settle_randomness`).
+    plain = {"kind:classifier", "surrogate", "differentiable"}
+    if getattr(defense, "stochastic", False):
+        plain.add("stochastic")
+    return cap in plain
+
+
+#: two passes of a classifier that declares ``stochastic = False`` over the same images whose
+#: logits differ by more than this, relative to the largest logit (at least 1), are random:
+#: far above float32 round-off and the run-to-run jitter of GPU kernels (~1e-6).
+RANDOMNESS_RTOL = 1e-4
+#: images the probe passes twice through the defense.
+RANDOMNESS_PROBE = 4
+
+
+def randomness_gap(defense: nn.Module, x: Tensor) -> float:
+    """The largest difference between the outputs of two forward passes over ``x``, relative
+    to the largest output (at least 1); ``inf`` where one pass is non-finite and the other is
+    not; 0 for output that is not a tensor (the conformance checks report those)."""
+    with torch.no_grad():
+        a, b = defense(x), defense(x)
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape:
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb):
+        return float("inf")
+    if not fa.any():
+        return 0.0
+    scale = max(float(a[fa].abs().max()), 1.0)
+    return float((a[fa] - b[fa]).abs().max()) / scale
+
+
+def settle_randomness(defense: nn.Module, x: Tensor) -> bool:
+    """Check a classifier that declares ``stochastic = False`` for randomness it did not
+    declare (two passes over ``x``, :data:`RANDOMNESS_RTOL`); one that is random is marked
+    ``stochastic = True`` and ``undeclared_randomness = True`` on the instance, so that the
+    harness scores it with K draws and plans EOT attacks for it, and nothing is counted
+    robust on one lucky draw. Once per instance; returns whether it was found random."""
+    if getattr(defense, "_randomness_settled", False):
+        return bool(getattr(defense, "undeclared_randomness", False))
+    kind, stochastic, _ = describe(defense)
+    random = False
+    if kind == "classifier" and not stochastic:
+        random = randomness_gap(defense, x) > RANDOMNESS_RTOL
+        if random:
+            # instance attributes shadow the class's declaration (a ClassVar on Defense)
+            object.__setattr__(defense, "stochastic", True)
+            object.__setattr__(defense, "undeclared_randomness", True)
+    object.__setattr__(defense, "_randomness_settled", True)
+    return random
 
 
 def describe(defense: nn.Module) -> tuple[str, bool, int]:

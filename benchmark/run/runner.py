@@ -386,6 +386,7 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
     seed_globals(job.run_seed)  # a defense built here draws the same, cached or not
     versions["defense"] = str(DEFENSES.provenance(job.defense.name))
     defense = job.build_defense(cache if cache is not None else DefenseCache(), dev)
+    job.settle_randomness(defense, dev)  # declared deterministic but random: K draws below
     seed_globals(job.run_seed)  # ... and the job's plug-ins as well
     kind, stochastic, nfe = describe(defense)
     k = job.k_draws if stochastic else 1
@@ -412,7 +413,11 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
         outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
                                                                 counts.tolist(), strict=True)]
         if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
-            extras["grad_diagnostics"] = [safe_diagnostics(defense, x, y)]
+            diag = safe_diagnostics(defense, x, y)
+            # declared deterministic, found random when built: scored with K draws (above)
+            diag["undeclared_randomness"] = bool(getattr(defense, "undeclared_randomness",
+                                                         False))
+            extras["grad_diagnostics"] = [diag]
     else:
         assert job.attack is not None and job.threat is not None and job.eps is not None
         versions["attack"] = str(ATTACKS.provenance(job.attack.name))

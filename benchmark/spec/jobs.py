@@ -101,6 +101,19 @@ class JobSpec:
         return cache.get(self.defense.name, thaw(self.defense_params), device,
                          key=self.defense_params)
 
+    def settle_randomness(self, defense: nn.Module, device: torch.device) -> bool:
+        """Check a classifier that declares itself deterministic on the dataset's first test
+        images (the same images for every job, shard and worker) and, if it is random after
+        all, mark it stochastic (:func:`benchmark.api.defense.settle_randomness`); whether it
+        was. Runs the defense: the runner calls it inside a job's error handling."""
+        from benchmark.api.defense import RANDOMNESS_PROBE, settle_randomness
+        from benchmark.data import load_dataset
+
+        if getattr(defense, "_randomness_settled", False):
+            return bool(getattr(defense, "undeclared_randomness", False))
+        test = load_dataset(self.dataset, **(thaw(self.dataset_params) or {})).test
+        return settle_randomness(defense, test.x[:RANDOMNESS_PROBE].to(device))
+
     def label(self) -> str:
         where = "" if self.threat is None else f" {self.threat} eps={self.eps:g}"
         return f"{self.defense.id} / {self.attack_id}{where} [shard {self.shard}]"

@@ -549,8 +549,8 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
     defense_k: dict[str, tuple[int, bool]] = {}
     claimed_k: dict[tuple[str, Any], set[tuple[int, bool]]] = defaultdict(set)
     for key, (spec, job) in jobs.items():
-        defense = cache.get(spec.defense.name, _thaw(spec.defense_params), cpu,
-                            key=spec.defense_params)
+        defense = spec.build_defense(cache, cpu)
+        spec.settle_randomness(defense, cpu)  # as the runner settles it
         _, stochastic, _ = describe(defense)
         k = spec.k_draws if stochastic and plan.kinds[spec.defense.id] == "classifier" else 1
         defense_k[key] = (k, stochastic)
@@ -648,8 +648,7 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
                     or (overrides and did not in overrides)
                     or (not spec.is_clean and key not in adv)):
                 continue
-            defense = cache.get(spec.defense.name, _thaw(spec.defense_params), dev,
-                                key=spec.defense_params)
+            defense = spec.build_defense(cache, dev)
             k, stochastic = defense_k[key]
             reseed = getattr(defense, "reseed", None)
             if callable(reseed):
@@ -758,12 +757,6 @@ def _fresh_seed(run_seed: int) -> int:
 
     return int.from_bytes(hashlib.sha256(f"genbench-verify:{run_seed}".encode()).digest()[:4],
                           "little")
-
-
-def _thaw(params: Any) -> dict[str, Any]:
-    from benchmark.spec.suite import thaw
-
-    return thaw(params) or {}
 
 
 # -- command line ---------------------------------------------------------------------------
