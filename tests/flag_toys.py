@@ -85,3 +85,25 @@ class Rounding(_Wrapped):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(torch.round(x * (self.levels - 1)) / (self.levels - 1))
+
+
+class SecretlyNoisy(_Wrapped):
+    """Adds Gaussian noise from the global generator but keeps the default declaration
+    ``stochastic = False``: the harness must find the randomness itself (flag
+    undeclared_randomness) and score it with K draws, or one lucky draw counts as robust."""
+
+    def __init__(self, model: str = "digits-cnn", sigma: float = 0.3) -> None:
+        super().__init__(model)
+        self.sigma = sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
+
+
+class Jittery(_Wrapped):
+    """Deterministic up to float jitter (1e-7 relative, like GPU kernels run to run): not
+    random, must not be flagged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        return out * (1 + 1e-7 * torch.rand_like(out))

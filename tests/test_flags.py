@@ -237,3 +237,85 @@ def test_mixed_code_versions_flag_reads_the_rows_code_version():
             dict(base, attack="c", code_version=None)]
     assert compute_flags(pd.DataFrame(rows)).tolist() == ["", "mixed_code_versions", ""]
     assert "mixed_code_versions" in FLAG_HELP
+
+
+def test_randomness_probe_oracles():
+    """Two passes over the same images: the CNN and float jitter are deterministic, noise is
+    not; NaN in one pass only is as random as it gets; declared-stochastic defenses are left
+    alone; the verdict is settled once per instance."""
+    from benchmark.api.defense import RANDOMNESS_RTOL, randomness_gap, settle_randomness
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    assert randomness_gap(load_model("digits-cnn"), x) == 0.0
+    assert randomness_gap(flag_toys.Jittery(), x) < RANDOMNESS_RTOL
+    assert randomness_gap(flag_toys.SecretlyNoisy(), x) > 100 * RANDOMNESS_RTOL
+
+    class HalfNaN(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = torch.zeros(len(x), 10)
+            return out if self.calls % 2 else out.fill_(float("nan"))
+
+    assert randomness_gap(HalfNaN(), x) == math.inf
+    secret, jittery = flag_toys.SecretlyNoisy(), flag_toys.Jittery()
+    assert settle_randomness(secret, x) and secret.stochastic and secret.undeclared_randomness
+    assert "stochastic" in secret.capabilities()
+    assert type(secret).stochastic is False  # the class's declaration is untouched
+    assert not settle_randomness(jittery, x) and not jittery.stochastic
+    declared = flag_toys.VeryNoisy()
+    assert not settle_randomness(declared, x)
+    assert not getattr(declared, "undeclared_randomness", False)
+
+
+def test_undeclared_randomness_is_flagged_and_scored_with_k_draws(tmp_path):
+    suite = parse_suite("""
+[suite]
+name = "secret"
+dataset = "digits"
+subset = "test100-v1"
+seed = 0
+k_draws = 5
+batch_size = 8
+shard_size = 8
+
+[[defenses]]
+name = "undefended"
+
+[[defenses]]
+id = "secret"
+name = "tests.flag_toys:SecretlyNoisy"
+
+[[attacks]]
+name = "pgd"
+params = { steps = 3 }
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+""", source="secret.toml")
+    summary = run_suite(suite, tmp_path / "out", limit=8, progress="none", log=lambda _: None)
+    from benchmark.report.leaderboard import build_leaderboard
+
+    with Store(tmp_path / "out" / "runs.sqlite") as store:
+        frame = build_leaderboard(store, summary.plan)
+        frame["flags"] = compute_flags(frame, collect_evidence(store, summary.plan))
+    secret = frame[frame.defense == "secret"]
+    assert len(secret) == 2 and set(secret.k_draws) == {5} and secret.stochastic.all()
+    assert all("undeclared_randomness" in f.split(";") for f in secret["flags"])
+    honest = frame[frame.defense == "undefended"]
+    assert set(honest.k_draws) == {1} and not honest.stochastic.any()
+    assert _flags(frame, "undefended") == set()
+
+
+def test_worst_case_carries_every_flag_of_its_attack_rows(flagged):
+    """The ranked tables show only the worst case: a masked attack's flags must be on it."""
+    assert "blackbox_beats_whitebox" in _flags(flagged, "rounding", "worst_case", 0.2)
+    assert "bpda_exact_disagree" in _flags(flagged, "quantized", "worst_case", 0.2)
+    for (defense, eps), cell in flagged.groupby(["defense", "eps"]):
+        below = {f for v in cell[cell.attack != "worst_case"]["flags"] for f in str(v).split(";")
+                 if f and f != "attack_error"}
+        worst = _flags(flagged, defense, "worst_case", eps)
+        assert below <= worst, (defense, eps, below - worst)
