@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((defense, f"{eps:g}", worst["flags"] or "-", f"{100 * before:.0f}",
                          f"{100 * worst['robust_acc']:.0f}",
                          f"{100 * honest['robust_acc']:.0f}", int(worst["n"])))
-    print(f"| trap | l-inf eps | flags on the worst case | white-box only % | worst case % "
-          f"| honest CNN % | n |\n|---|---|---|---|---|---|---|")
+    print("| trap | l-inf eps | flags on the worst case | white-box only % | worst case % "
+          "| honest CNN % | n |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(v) for v in r) + " |")
     print(f"\nsuite: {summary.total_jobs} jobs in {summary.wall_s:.0f} s "
