@@ -378,7 +378,7 @@ def test_a_bundle_naming_a_shipped_suite_is_checked_against_it(bundle, tmp_path,
     out = capsys.readouterr().out
     rejected(rc, out, "plan: 4 jobs of the bundle are not in the trusted plan (shipped suite "
                       "'quick', limit 8)")
-    assert "FAIL  plan: 38 of the 38 jobs of the trusted plan" in out
+    assert "FAIL  plan: 61 of the 61 jobs of the trusted plan" in out
 
 
 # -- correctness: every claimed row has jobs behind it, and every row is claimed -------------
@@ -388,9 +388,10 @@ def test_genuine_stochastic_bundle_verifies(rich, capsys):
     leaves the diagnostic out as the leaderboard does, and epsilons such as 8/255 match."""
     rc, out = verify(capsys, rich, rich, "--trust-code")
     assert rc == 0, out
-    assert "PASS  plan: the 24 jobs of the trusted plan" in out
-    # undefended's 8 clean + 32 attacked samples, the 16 of fixed-noise on the noisy defense
-    assert "PASS  per-sample outcomes: 56 deterministic scores" in out
+    assert "PASS  plan: the 28 jobs of the trusted plan" in out  # 4 of them probes
+    # undefended's 8 clean + 32 attacked + 8 probe samples, the 16 of fixed-noise on the noisy
+    # defense
+    assert "PASS  per-sample outcomes: 64 deterministic scores" in out, out
     assert "PASS  draws: noisy / clean: " in out and "PASS  draws: noisy / pgd linf" in out
     assert "draws: noisy / fixed-noise" not in out  # pinned: compared sample by sample
     assert "PASS  noisy / fixed-noise linf eps=0.101961: claimed" in out
@@ -437,7 +438,7 @@ def test_dropped_attack_is_rejected(rich, tmp_path, capsys):
 
     bad = _forge(rich, tmp_path, drop)
     rejected(*verify(capsys, bad, rich, "--trust-code"),
-             "plan: 8 of the 24 jobs of the trusted plan")
+             "plan: 10 of the 28 jobs of the trusted plan")  # 8 + their 2 probes
 
 
 def test_dropped_row_is_rejected(bundle, tmp_path, capsys):

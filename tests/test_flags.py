@@ -319,3 +319,40 @@ def test_worst_case_carries_every_flag_of_its_attack_rows(flagged):
                  if f and f != "attack_error"}
         worst = _flags(flagged, defense, "worst_case", eps)
         assert below <= worst, (defense, eps, below - worst)
+
+
+def test_unconstrained_probe_flags_attacks_that_cannot_succeed_even_unbounded(flagged):
+    """Pintor et al.'s unconstrained-attack indicator: on the rounding defense PGD stalls on
+    zero gradients even at l-inf 1, where any image is allowed; on the CNN it reaches 0%."""
+    assert "unconstrained_attack_failure" in _flags(flagged, "rounding", "pgd")
+    assert "unconstrained_attack_failure" in _flags(flagged, "rounding", "worst_case")
+    assert "unconstrained_attack_failure" not in _flags(flagged, "undefended")
+    assert "unconstrained_attack_failure" not in _flags(flagged, "rounding", "square")
+    assert not (flagged["eps"] == 1.0).any()  # probes are evidence, never rows
+
+
+def test_probes_are_planned_for_white_box_attacks_only():
+    suite = parse_suite(SUITE, source="flags.toml")
+    plan = plan_suite(suite, limit=16)
+    probes = [j for j in plan.jobs if j.probe]
+    assert probes and all(j.eps == 1.0 and j.threat == "linf" and len(j.sample_ids) == 4
+                          and j.sample_ids == plan.sample_ids[:4] for j in probes)
+    assert {j.attack_id for j in probes} == {"pgd", "pgd-1", "bpda"}  # never Square
+    assert {j.defense.id for j in probes if j.attack_id == "bpda"} == {"quantized"}
+    assert len({j.key for j in probes}) == len(probes)
+    assert all("unconstrained probe" in j.label() for j in probes)
+    off = parse_suite(SUITE.replace('shard_size = 16', 'shard_size = 16\nunconstrained_probe = 0'),
+                      source="flags.toml")
+    plain = plan_suite(off, limit=16)
+    assert not any(j.probe for j in plain.jobs)
+    # the probe leaves the keys of ordinary jobs alone
+    assert [j.key for j in plain.jobs] == [j.key for j in plan.jobs if not j.probe]
+
+
+def test_unconstrained_probe_setting_is_checked():
+    from benchmark.spec.suite import SuiteError
+
+    for bad in ("-1", "2.5", "true", '"4"'):
+        text = SUITE.replace('shard_size = 16', f'shard_size = 16\nunconstrained_probe = {bad}')
+        with pytest.raises(SuiteError, match="unconstrained_probe"):
+            parse_suite(text, source="flags.toml")

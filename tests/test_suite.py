@@ -121,8 +121,10 @@ def test_attack_pairing_and_eps_restrict_the_plan_with_reasons() -> None:
     suite = parse_suite(PAIRED, "paired.toml")
     assert suite.attacks[0].paired_with == ("at",) and suite.attacks[0].eps == (0.2,)
     plan = plan_suite(suite, limit=2)
-    attacked = {(j.defense.id, j.eps) for j in plan.jobs if not j.is_clean}
+    attacked = {(j.defense.id, j.eps) for j in plan.jobs if not j.is_clean and not j.probe}
     assert attacked == {("at", 0.2)}
+    # its unconstrained probe runs where the attack runs, and only there
+    assert {(j.defense.id, j.eps) for j in plan.jobs if j.probe} == {("at", 1.0)}
     reasons = {(s["defense"], s["eps"]): s["reason"] for s in plan.skipped}
     assert reasons[("at", 0.1)] == "suite restricts pgd to eps [0.2]"
     assert "restricts pgd to defenses ['at']" in reasons[("undefended", 0.2)]
@@ -150,10 +152,11 @@ def test_defense_limit_evaluates_that_defense_on_the_first_samples_only() -> Non
     plan = plan_suite(suite, limit=5)
     ids = {}
     for j in plan.jobs:
-        ids.setdefault((j.defense.id, j.is_clean), []).extend(j.sample_ids)
+        if not j.probe:
+            ids.setdefault((j.defense.id, j.is_clean), []).extend(j.sample_ids)
     assert ids[("at", True)] == list(plan.sample_ids[:3]) == ids[("at", False)]
     assert ids[("undefended", True)] == list(plan.sample_ids)
-    assert max(len(j.sample_ids) for j in plan.jobs) == 2  # shards still respect shard_size
+    assert max(len(j.sample_ids) for j in plan.jobs if not j.probe) == 2  # shards: shard_size
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "1.5", "true", '"all"'])
@@ -274,7 +277,8 @@ eps = [0.1]
 def _keys(text: str) -> list[str]:
     from benchmark.spec.plan import plan_suite
 
-    return [j.key for j in plan_suite(parse_suite(text, "keyed.toml"), limit=4).jobs]
+    return [j.key for j in plan_suite(parse_suite(text, "keyed.toml"), limit=4).jobs
+            if not j.probe]
 
 
 def test_renaming_ids_or_the_suite_keeps_the_job_keys():

@@ -32,6 +32,9 @@ class FlagEvidence:
     diagnostics: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: threat model -> smallest epsilon at which every image reaches the uniform gray image.
     sanity_eps: dict[str, float] = field(default_factory=dict)
+    #: (defense, attack, threat) -> (samples still classified correctly, samples) of the
+    #: unconstrained probe: the attack at an epsilon that allows any image.
+    probes: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     #: chance accuracy (1 / number of classes); None disables the sanity flag.
     chance: float | None = None
 
@@ -64,7 +67,8 @@ def sample_counts(store: Store, jobs: Sequence[JobSpec] | Sequence[str] | None =
     :mod:`benchmark.report.leaderboard` scores them."""
     from benchmark.plugins.traits import is_diagnostic
 
-    rows = [j for j in _rows(store, jobs) if j["status"] == "done"]
+    rows = [j for j in _rows(store, jobs) if j["status"] == "done"
+            and not j["spec"].get("probe")]  # probes are evidence, not rows
     samples = store.samples({j["key"] for j in rows})
     clean: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     adv: dict[tuple[str, str, str, str, float], dict[int, int]] = defaultdict(dict)
@@ -115,6 +119,12 @@ def collect_evidence(store: Store, plan: Plan | None = None) -> FlagEvidence:
             diag = job["extras"].get("grad_diagnostics")
             if diag and isinstance(diag[0], dict) and "error" not in diag[0]:
                 ev.diagnostics[job["defense"]] = diag[0]
+            continue
+        if job["spec"].get("probe"):
+            robust = sum(2 * c > job["k"] for _, c, _, _ in store.samples([job["key"]])[
+                job["key"]])
+            n = len(job["spec"]["sample_ids"])
+            ev.probes[(job["defense"], job["attack"], job["threat"])] = (robust, n)
             continue
         key = (job["defense"], job["attack"], job["threat"], float(job["eps"]))
         ev.extras.setdefault(key, []).append(job["extras"])

@@ -52,6 +52,11 @@ FLAG_HELP = {
                            "intervals (one of the two gradients is wrong)",
     "above_chance_at_sanity_eps": "accuracy is above chance at an epsilon that can turn every "
                                   "image into the same gray image: the attack must have failed",
+    "unconstrained_attack_failure": "rerun at an epsilon that allows any image (l-inf 1, l2 "
+                                    "sqrt(D)) on a few samples, this attack left some of them "
+                                    "classified correctly: its optimization fails on this "
+                                    "defense, so its bounded rows are upper bounds at best "
+                                    "(Pintor et al. 2022)",
     "undeclared_randomness": "the defense declares stochastic = False, but two passes over the "
                              "same images disagreed: it was scored as stochastic (K draws, EOT "
                              "attacks planned), and its own declaration is wrong",
@@ -243,6 +248,14 @@ def _above_chance(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
     return flagged
 
 
+def _unconstrained(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
+    """Rows of an attack whose unconstrained probe (same defense and threat model) left a
+    sample classified correctly by majority vote."""
+    return pd.Series({i: ev.probes.get((str(r["defense"]), str(r["attack"]),
+                                        str(r["threat_model"])), (0, 0))[0] > 0
+                      for i, r in frame.iterrows()}, dtype=bool)
+
+
 def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> pd.Series:
     """A ``;``-joined string of flag names per row ('' when none fired). Without
     ``evidence`` only the flags that the rows alone support are computed."""
@@ -264,6 +277,7 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
     if evidence is not None:
         checks["bad_gradients"], checks["grad_randomness_no_eot"] = _gradients(frame, evidence)
         checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
+        checks["unconstrained_attack_failure"] = _unconstrained(frame, evidence)
         checks["undeclared_randomness"] = frame["defense"].map(
             lambda d: bool(evidence.diagnostics.get(str(d), {}).get("undeclared_randomness")))
     for name, hits in checks.items():

@@ -65,7 +65,8 @@ def build_leaderboard(store: Store, plan: Plan) -> pd.DataFrame:
     ``code_version`` is that of the stored jobs behind it (its attack jobs and its defense's
     clean jobs), ``;``-joined when they differ (flag ``mixed_code_versions``)."""
     density_ids = {d for d, kind in plan.kinds.items() if kind == "density"}
-    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id not in density_ids)
+    # probes (the unconstrained attack on a few samples) are evidence for flags, never rows
+    jobs = store.jobs_of(j for j in plan.jobs if j.defense.id not in density_ids and not j.probe)
     samples = store.samples({r["key"] for r in jobs})
     suite = plan.suite
 

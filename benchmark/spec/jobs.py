@@ -51,6 +51,9 @@ class JobSpec:
     #: canonical JSON of what the plan resolved in code (:func:`benchmark.spec.fingerprint.
     #: resolve`): plug-in versions, attack config and budget, defense defaults, weights sha256.
     resolved: str = NO_PARAMS
+    #: an automatic probe (:mod:`benchmark.spec.plan`, ``unconstrained_probe``): the attack at
+    #: an epsilon that allows any image, on a few samples; evidence for the flags, never a row.
+    probe: bool = False
 
     @property
     def is_clean(self) -> bool:
@@ -68,6 +71,8 @@ class JobSpec:
         d["attack"] = None if self.attack is None else self.attack.to_json()
         d["sample_ids"] = list(self.sample_ids)
         d["resolved"] = json.loads(self.resolved)
+        if not self.probe:  # ordinary jobs keep the stored form they had before probes
+            del d["probe"]
         return d
 
     def key_json(self) -> dict[str, Any]:
@@ -84,6 +89,8 @@ class JobSpec:
                                                         "params": thaw(self.attack.params)},
             "threat": self.threat, "eps": self.eps,
             "resolved": json.loads(self.resolved),
+            # only where set: the keys of ordinary jobs are those of key version 2 as before
+            **({"probe": True} if self.probe else {}),
         }
 
     @cached_property
@@ -116,7 +123,8 @@ class JobSpec:
 
     def label(self) -> str:
         where = "" if self.threat is None else f" {self.threat} eps={self.eps:g}"
-        return f"{self.defense.id} / {self.attack_id}{where} [shard {self.shard}]"
+        what = "unconstrained probe" if self.probe else f"shard {self.shard}"
+        return f"{self.defense.id} / {self.attack_id}{where} [{what}]"
 
 
 @dataclass

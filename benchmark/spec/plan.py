@@ -19,6 +19,7 @@ on the other kind. Job keys do not depend on the defense's kind.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from benchmark.data import load_dataset
 from benchmark.data.subsets import EvalSubset, get_subset
 from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
 from benchmark.plugins.cache import DefenseCache
+from benchmark.plugins.traits import attack_traits
 from benchmark.spec import fingerprint
 from benchmark.spec.jobs import JobSpec
 from benchmark.spec.suite import Suite, freeze, thaw
@@ -48,6 +50,12 @@ class Plan:
     attack_info: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
+def unconstrained_eps(threat: str, dim: int) -> float | None:
+    """An epsilon at which the threat model allows any image in [0, 1]^dim (l-inf 1, l2
+    sqrt(dim)); None where no epsilon does (StAdv's flow bound, unrestricted)."""
+    return {"linf": 1.0, "l2": math.sqrt(dim)}.get(threat)
+
+
 def plan_suite(suite: Suite, *, limit: int | None = None,
                cache: DefenseCache | None = None) -> Plan:
     """Expand a suite into jobs. Raises on bad input (unknown names, bad budgets) before
@@ -58,6 +66,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
     ds = load_dataset(suite.dataset, **(thaw(suite.dataset_params) or {}))
     subset = get_subset(suite.dataset, suite.subset)
     ids = tuple(subset.ids[:limit] if limit else subset.ids)
+    dim = int(ds.test.x[0].numel())
     cpu = torch.device("cpu")
     cache = cache if cache is not None else DefenseCache()
     common = dict(suite=suite.name, dataset=suite.dataset, dataset_params=suite.dataset_params,
@@ -89,9 +98,9 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
             kwargs = d.kwargs(t.name)
             params = freeze(kwargs)
             dpart = fingerprint.defense_part(d.name, kwargs)
-            probe = JobSpec(defense=d, defense_params=params, attack=None, threat=None, eps=None,
-                            sample_ids=(), **common)  # type: ignore[arg-type]
-            defense = probe.build_defense(cache, cpu)
+            template = JobSpec(defense=d, defense_params=params, attack=None, threat=None,
+                               eps=None, sample_ids=(), **common)  # type: ignore[arg-type]
+            defense = template.build_defense(cache, cpu)
             kind, _, _ = describe(defense)
             kinds[d.id] = kind
             if kind not in ("classifier", "density"):
@@ -106,6 +115,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                                  eps=None, sample_ids=s, shard=i, resolved=resolved,
                                  **common)  # type: ignore[arg-type]
                          for i, s in enumerate(shards)]
+            planned: set[str] = set()
             for a, attack in attacks:
                 for eps in t.eps:
                     reason: str | None
@@ -129,6 +139,23 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                                      eps=eps, sample_ids=s, shard=i, resolved=resolved,
                                      **common)  # type: ignore[arg-type]
                              for i, s in enumerate(shards)]
+                    planned.add(a.id)
+            # the unconstrained probe of every white-box attack that runs here (Pintor et al.)
+            wide = unconstrained_eps(t.name, dim)
+            for a, attack in attacks:
+                if (kind != "classifier" or a.id not in planned or wide is None
+                        or suite.unconstrained_probe < 1):
+                    continue
+                traits = attack_traits(a.name, dict(a.kwargs()))
+                if (traits.blackbox or traits.diagnostic
+                        or attack.incompatibility(defense, THREAT_MODELS.get(t.name)(wide))):
+                    continue
+                resolved = freeze(fingerprint.resolve(
+                    dpart, kwargs, attack_parts[a.id], a.kwargs(), threat_parts[t.name], zoo))
+                jobs.append(JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
+                                    eps=wide, sample_ids=tuple(mine[:suite.unconstrained_probe]),
+                                    shard=0, resolved=resolved, probe=True,
+                                    **common))  # type: ignore[arg-type]
     del ds
     return Plan(suite, subset, ids, jobs, skipped, kinds, info)
 

@@ -14,6 +14,7 @@ the threat models with their epsilons::
     num_cpus = 1           # resources of one job under the ray executor (fractions allowed)
     num_gpus = 0
     # job_timeout_s = 600  # stop a job after this long (process and ray executors; not local)
+    # unconstrained_probe = 4  # samples of the automatic unconstrained-attack probe (0: off)
 
     [[defenses]]
     name = "undefended"                 # registry name or "package.module:Class"
@@ -134,6 +135,9 @@ class Suite:
     #: seconds after which the process and ray executors stop a job and store it as an error
     #: result (None: no limit). Not part of a job's key: changing it does not invalidate results.
     job_timeout_s: float | None = None
+    #: samples of the automatic unconstrained-attack probe of every (defense, white-box attack,
+    #: threat model) (:func:`benchmark.spec.plan.plan_suite`); 0 switches it off.
+    unconstrained_probe: int = 4
     #: the ``dataset_params`` table as canonical JSON (:func:`freeze`)
     dataset_params: str = NO_PARAMS
     description: str = ""
@@ -146,7 +150,8 @@ class Suite:
 
 
 _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
-               "dataset_params", "description", "num_cpus", "num_gpus", "job_timeout_s"}
+               "dataset_params", "description", "num_cpus", "num_gpus", "job_timeout_s",
+               "unconstrained_probe"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
 #: per section, the key that restricts an entry to some ids of the other section
 _PAIRING_KEY = {"defenses": "attacks", "attacks": "defenses"}
@@ -354,6 +359,10 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
                                 or not 0 < timeout < float("inf")):
         raise ctx.error("suite.job_timeout_s", f"expected a positive number of seconds, got "
                                                f"{timeout!r}")
+    probe = _typed(ctx, head, "unconstrained_probe", "suite", int, 4)
+    if probe < 0:
+        raise ctx.error("suite.unconstrained_probe", f"must be >= 0 (0 switches the probe off), "
+                                                     f"got {probe!r}")
     defenses = _plugins(ctx, doc, "defenses")
     attacks = _plugins(ctx, doc, "attacks")
     threat_models = _threats(ctx, doc)
@@ -362,6 +371,7 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         num_cpus=resources["num_cpus"],
         num_gpus=resources["num_gpus"],
         job_timeout_s=None if timeout is None else float(timeout),
+        unconstrained_probe=probe,
         name=_typed(ctx, head, "name", "suite", str, _REQUIRED),
         dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
         subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),
