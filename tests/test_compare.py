@@ -195,7 +195,8 @@ def test_regression_gate_recomputes_reference_jobs(tmp_path, capsys):
     with sqlite3.connect(out / "runs.sqlite") as conn:
         keys = [k for (k,) in conn.execute(f"SELECT key FROM jobs WHERE {FAST}")]
         n_clean = conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0]
-        assert len(keys) == 5 * 2  # the two CNNs: clean + 2 x 2 l-inf PGD rows
+        # the two CNNs: clean + 2 x 2 l-inf PGD rows + the 2 PGD probes at l-inf 1
+        assert len(keys) == 7 * 2
         conn.executemany("DELETE FROM samples WHERE job=?", [(k,) for k in keys])
         conn.executemany("DELETE FROM jobs WHERE key=?", [(k,) for k in keys])
     assert main(["run", "--suite", "quick", "--out", str(out), "--limit", str(_limit()),
