@@ -163,13 +163,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                        f"(their leaderboard.csv still holds their results); run `genbench run` "
                        f"on it again to recompute them under the current keys")
     if args.format == "csv":
-        from benchmark.report.cells import csv_safe
+        from benchmark.report.leaderboard import FLOAT_FORMAT, csv_frame
 
-        safe = frame.copy()
-        for col in safe.columns:
-            if safe[col].dtype == object:
-                safe[col] = safe[col].map(csv_safe)
-        safe.to_csv(sys.stdout, index=False, float_format="%.6g")
+        # as leaderboard.csv is written: epsilons at full precision, text spreadsheet-safe
+        csv_frame(frame).to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
         if progress.partial:
             print(f"genbench: partial: {progress.done} of {progress.total} jobs done",
                   file=sys.stderr)

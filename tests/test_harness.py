@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -254,13 +255,17 @@ def test_bad_input_is_one_clear_error_and_keeps_the_store(tmp_path, capsys, edit
 
 
 def test_leaderboard_command_and_list(tmp_path, capsys):
-    suite = write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n'))
+    suite = write_suite(tmp_path, suite_text('[[defenses]]\nname = "undefended"\n',
+                                             eps=repr([8 / 255])))
     assert main(["run", "--suite", str(suite), "--out", str(tmp_path / "r"), "--limit", "4",
                  "--progress", "none"]) == 0
     capsys.readouterr()
     assert main(["leaderboard", "--run", str(tmp_path / "r"), "--format", "csv"]) == 0
     csv_text = capsys.readouterr().out
     assert csv_text.startswith("suite,dataset,subset_id")
+    # the same text as leaderboard.csv: 8/255 at full precision (not "%.6g"'s 0.0313725)
+    assert csv_text == (tmp_path / "r" / "leaderboard.csv").read_text()
+    assert set(read_csv(io.StringIO(csv_text)).eps) == {8 / 255}
     assert main(["leaderboard", "--run", str(tmp_path / "nowhere")]) == 2
     assert "not a genbench run folder" in capsys.readouterr().err
     for what, expected in [("defenses", "undefended"), ("attacks", "pgd"),
