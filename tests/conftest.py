@@ -1,14 +1,34 @@
 """Shared fixtures. ``one_thread``: one torch thread for a test (tiny tensors, shared CI cores);
-modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 
-from collections.abc import Iterator
+A test (or a fixture it set up) that leaves torch's thread count changed fails in its teardown:
+a stray ``torch.set_num_threads(1)`` once ran every later module, the end-to-end suite runs
+included, on one of CI's two cores."""
+
+from collections.abc import Generator, Iterator
 
 import pytest
+import torch
 
 from tests.toys import single_thread
+
+_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     with single_thread():
         yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None
+                            ) -> Generator[None, None, None]:
+    yield  # the test's own fixtures are torn down first
+    threads = torch.get_num_threads()
+    if threads != _THREADS:
+        torch.set_num_threads(_THREADS)
+        raise AssertionError(
+            f"{item.nodeid} (or a fixture it uses) left torch.get_num_threads() at {threads} "
+            f"(the session started with {_THREADS}): wrap the code in "
+            "tests.toys.single_thread() or use the one_thread fixture")

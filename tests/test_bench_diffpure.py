@@ -76,9 +76,9 @@ def test_exact_gradient_memory_and_time(benchmark):
     assert time_ratio < 2.5, benchmark.extra_info
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_exact_gradient_checkpointed_in_process(benchmark):
     """The checkpointed forward+backward itself, timed by pytest-benchmark (2 rounds)."""
-    torch.set_num_threads(1)
     x = load_dataset("digits").test.x[:BATCH]
     dp = DiffPure(t_star=0.1, dt=1e-3, checkpoint=True)
 

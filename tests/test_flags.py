@@ -19,6 +19,7 @@ from benchmark.spec.suite import parse_suite
 from benchmark.store import Store
 from benchmark.zoo import load_model
 from tests import flag_toys
+from tests.toys import single_thread
 
 SUITE = """
 [suite]
@@ -82,10 +83,10 @@ eps = [0.2, 0.5]
 
 @pytest.fixture(scope="module")
 def flagged(tmp_path_factory) -> pd.DataFrame:
-    torch.set_num_threads(1)
     suite = parse_suite(SUITE, source="flags.toml")
     out = tmp_path_factory.mktemp("flags")
-    run_suite(suite, out, limit=16, progress="none", log=lambda _: None)
+    with single_thread():  # tiny toys; restored so that later modules keep every core
+        run_suite(suite, out, limit=16, progress="none", log=lambda _: None)
     plan = plan_suite(suite, limit=16)
     from benchmark.report.leaderboard import build_leaderboard
 
@@ -156,8 +157,8 @@ def test_stateful_more_steps_raise_accuracy(flagged):
     assert "more_steps_higher_acc" not in _flags(flagged, "stateful", "pgd-1")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_gradient_diagnostics_oracles():
-    torch.set_num_threads(1)
     net = load_model("digits-cnn")
     x = torch.rand(4, 1, 16, 16)
     y = torch.arange(4)

@@ -11,11 +11,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmark.cli import main
 from benchmark.report.flags import FLAG_HELP
 from benchmark.report.leaderboard import read_csv
+from tests.toys import single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -62,13 +62,13 @@ eps = [0.5]
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("publish")
     suite = tmp / "hostile.toml"
     suite.write_text(SUITE)
     run = tmp / "run"
-    assert main(["run", "--suite", str(suite), "--out", str(run), "--limit", "8",
-                 "--progress", "none"]) == 0
+    with single_thread():  # tiny toys; restored so that later modules keep every core
+        assert main(["run", "--suite", str(suite), "--out", str(run), "--limit", "8",
+                     "--progress", "none"]) == 0
     assert main(["leaderboard", "--run", str(run), "--publish", "--dest",
                  str(tmp / "lb")]) == 0
     return tmp / "lb" / "hostile"
