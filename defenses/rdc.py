@@ -13,7 +13,8 @@ large batches of ``rows_per_batch`` denoiser rows, never in Python loops over cl
 RDC (algorithm 1) first maximizes the likelihood by minimizing the *unconditional* diffusion
 loss within an l-inf ball (``v1``: N = 10 momentum sign steps, mu = 1, eta = 8/255, step eta/N;
 the l2 variant of appendix C uses eta = 0.5), or with the authors' later public code (``t1``:
-Adam, lr 0.1 in [-1, 1] space, 5 steps, one noise level per step with EDM sigma ~ U[0.4, 0.6]).
+Adam, lr 0.1 in [-1, 1] space, 5 steps, one noise level per step and per row with EDM
+sigma ~ U[0.4, 0.6]).
 
 Paper numbers (CIFAR-10, 512 test images, tables 1 and 3): RDC 73.24% robust under l-inf 8/255,
 80.27% under l2 0.5, 91.41% under StAdv; BPDA (N = 10) 73.24, Lagrange 77.54, exact gradient
@@ -25,7 +26,6 @@ Both defenses are stochastic (fresh eps on every call, drawn from the harness-se
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,9 +181,10 @@ class DiffusionClassifier(Defense):
         pred = self.denoiser.eps(xt, t, y, schedule=self.schedule)
         return (pred - eps).pow(2).flatten(1).sum(1)
 
-    def _perturb(self, x01: Tensor, eps: Tensor) -> Tensor:
-        """x_t for every (sample, timestep): shapes (B, T', *event)."""
-        a, s = self.schedule.alpha_sigma(self.timesteps)
+    def _perturb(self, x01: Tensor, eps: Tensor, timesteps: Tensor | None = None) -> Tensor:
+        """x_t for every (sample, timestep): shapes (B, T', *event) (T' = ``timesteps``,
+        default the classifier's)."""
+        a, s = self.schedule.alpha_sigma(self.timesteps if timesteps is None else timesteps)
         view = (1, -1) + (1,) * (x01.dim() - 1)
         x0 = (2 * x01 - 1).unsqueeze(1)
         return a.to(x01.dtype).view(view) * x0 + s.to(x01.dtype).view(view) * eps
@@ -219,12 +220,16 @@ class DiffusionClassifier(Defense):
 
         ``eps`` (B, T', *event) fixes the noise; by default it is drawn from the defense's
         generator."""
-        b, tp = len(x), len(self.timesteps)
+        return self._uncond_loss(x, self.timesteps, eps)
+
+    def _uncond_loss(self, x: Tensor, timesteps: Tensor, eps: Tensor | None = None) -> Tensor:
+        """The unconditional DDPM loss per sample, averaged over ``timesteps``."""
+        b, tp = len(x), len(timesteps)
         event = tuple(x.shape[1:])
         if eps is None:
             eps = self._noise((b, tp, *event), x)
-        xt = self._perturb(x, eps).reshape(b * tp, *event)
-        t_rows = self.timesteps.repeat(b)
+        xt = self._perturb(x, eps, timesteps).reshape(b * tp, *event)
+        t_rows = timesteps.repeat(b)
         err = self._row_errors(xt, t_rows, None, eps.reshape(b * tp, *event))
         return err.view(b, tp).mean(dim=1)
 
@@ -235,7 +240,7 @@ class RobustDiffusionClassifier(DiffusionClassifier):
 
     ``variant``: ``"v1"`` (the paper) or ``"t1"`` (the authors' later code). ``norm`` ("linf" or
     "l2") sets v1's ball; ``steps``, ``eta``, ``momentum`` override v1's N, eta, mu; ``lr``,
-    ``sigma_range`` override t1's. ``lm_timesteps`` is the T' of the likelihood objective
+    ``sigma_range`` override t1's. ``lm_timesteps`` is the T' of v1's likelihood objective
     (default: the classifier's).
     """
 
@@ -275,31 +280,39 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         lm_nfe = (len(self.lm_timesteps) if variant == "v1" else 1) * steps
         self.nfe_per_call = lm_nfe + len(self.timesteps) * self.num_classes
 
-    def _lm_noise(self, x01: Tensor) -> tuple[float, Tensor]:
+    # -- the likelihood-maximization objective ------------------------------------------------
+    def _lm_noise(self, x01: Tensor) -> tuple[Tensor | None, Tensor]:
         """The randomness of one likelihood-maximization step, drawn before the step so that a
-        checkpointed step recomputes with the same noise: (EDM sigma, eps) for ``t1`` (one
-        noise level per step, the later public code), (nan, eps over the T' timesteps) for
-        ``v1``."""
+        checkpointed step recomputes with the same noise: (EDM sigma per row, shape (B,), then
+        eps) for ``t1`` (one noise level per step and per row, so EOT copies stacked along the
+        batch do not share it), (None, eps over the T' timesteps) for ``v1``."""
         if self.variant == "t1":
             lo, hi = self.sigma_range
             g = self.generator_for(x01)
-            sigma = lo + (hi - lo) * torch.rand((), generator=g, device=x01.device).item()
-            return sigma, self._noise(tuple(x01.shape), x01)
+            u = torch.rand(len(x01), generator=g, device=x01.device, dtype=x01.dtype)
+            return lo + (hi - lo) * u, self._noise(tuple(x01.shape), x01)
         b, tp = len(x01), len(self.lm_timesteps)
-        return math.nan, self._noise((b, tp, *x01.shape[1:]), x01)
+        return None, self._noise((b, tp, *x01.shape[1:]), x01)
 
-    def _lm_loss(self, x01: Tensor, sigma: float, eps: Tensor) -> Tensor:
+    def _lm_loss(self, x01: Tensor, sigma: Tensor | None, eps: Tensor) -> Tensor:
+        """The per-sample objective one likelihood-maximization step minimizes: t1's EDM
+        denoising loss at a per-row sigma, or v1's DDPM loss over ``lm_timesteps``."""
         if self.variant == "t1":
-            xt = (2 * x01 - 1) + sigma * eps
+            assert sigma is not None
+            xt = (2 * x01 - 1) + sigma.view(-1, *[1] * (x01.dim() - 1)) * eps
             pred = self.denoiser.eps(xt, sigma, None, schedule=EDM())
             return (pred - eps).pow(2).flatten(1).sum(1)
-        saved = self.timesteps
-        try:
-            self.timesteps = self.lm_timesteps
-            return self.likelihood_objective(x01, eps)
-        finally:
-            self.timesteps = saved
+        return self._uncond_loss(x01, self.lm_timesteps, eps)
 
+    def lm_objective(self, x: Tensor) -> Tensor:
+        """The per-sample objective ``purify`` minimizes, with fresh noise per row: for ``t1``
+        one EDM denoising loss at sigma ~ U(sigma_range) (drawn per row), for ``v1`` the
+        unconditional DDPM loss over ``lm_timesteps``. The Lagrange attack's penalty (eq. 10)
+        is this, not :meth:`likelihood_objective` (DC's DDPM loss over the classifier's T')."""
+        sigma, eps = self._lm_noise(x)
+        return self._lm_loss(x, sigma, eps)
+
+    # -- likelihood maximization --------------------------------------------------------------
     def purify(self, x: Tensor) -> Tensor:
         """Likelihood maximization. Differentiable end to end (second order) when ``x``
         requires grad; otherwise runs without building a graph.
@@ -331,8 +344,8 @@ class RobustDiffusionClassifier(DiffusionClassifier):
                 x_hat, m = self._v1_step(x_hat, m, x0, eps, exact)
         return x_hat
 
-    def _t1_step(self, x_hat: Tensor, m: Tensor, v: Tensor, eps: Tensor, n: int, sigma: float,
-                 exact: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _t1_step(self, x_hat: Tensor, m: Tensor, v: Tensor, eps: Tensor, n: int,
+                 sigma: Tensor | None, exact: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Adam in [-1, 1] space, written functionally so the exact gradient can pass."""
         b1, b2, tiny = 0.9, 0.999, 1e-8
         g = self._lm_grad(x_hat, sigma, eps, exact)
@@ -348,7 +361,7 @@ class RobustDiffusionClassifier(DiffusionClassifier):
                  exact: bool) -> tuple[Tensor, Tensor]:
         """One momentum step of algorithm 1 (sign steps in l-inf, normalized in l2)."""
         step = self.eta / max(self.steps, 1)
-        g = self._lm_grad(x_hat, math.nan, eps, exact)
+        g = self._lm_grad(x_hat, None, eps, exact)
         shape = (-1, *[1] * (g.dim() - 1))
         if self.norm == "linf":
             l1 = g.abs().flatten(1).sum(1).clamp_min(1e-12)
@@ -364,7 +377,7 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         delta = delta * torch.clamp(self.eta / dn.clamp_min(1e-12), max=1.0)
         return (x0 + delta).clamp(0, 1), m
 
-    def _lm_grad(self, x_hat: Tensor, sigma: float, eps: Tensor, exact: bool) -> Tensor:
+    def _lm_grad(self, x_hat: Tensor, sigma: Tensor | None, eps: Tensor, exact: bool) -> Tensor:
         with torch.enable_grad():
             xh = x_hat if exact else x_hat.detach().requires_grad_(True)
             loss = self._lm_loss(xh, sigma, eps).sum()

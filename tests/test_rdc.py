@@ -145,6 +145,69 @@ def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
+def test_t1_draws_one_sigma_per_row(optimal):
+    """EOT copies stacked along the batch (identical rows) get their own noise level, and the
+    EDM loss of each row uses its own sigma."""
+    x, _ = train_points(optimal)
+    rdc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=5, variant="t1")
+    twins = x[:1].expand(4, *x.shape[1:])
+    rdc.reseed(0)
+    sigma, eps = rdc._lm_noise(twins)
+    assert sigma is not None and sigma.shape == (4,)
+    assert len(sigma.unique()) == 4 and ((sigma >= 0.4) & (sigma <= 0.6)).all()
+    rows = rdc._lm_loss(twins, sigma, eps)
+    for i in range(4):
+        one = rdc._lm_loss(twins[i:i + 1], sigma[i:i + 1], eps[i:i + 1])
+        torch.testing.assert_close(rows[i:i + 1], one)
+
+
+@pytest.mark.parametrize("variant", ["t1", "v1"])
+def test_lagrange_penalty_is_the_likelihood_maximizations_objective(optimal, variant):
+    """Eq. 10's penalty is what purify minimizes: t1's EDM loss at sigma ~ U[0.4, 0.6] (one per
+    row), v1's DDPM loss over lm_timesteps; not DC's DDPM loss over the classifier's T'. Read
+    off the attack's own objective: objective(weight 0) - objective(weight 1), same noise."""
+    from attacks.lagrange import Lagrange, _head_forward, likelihood_penalty
+    from attacks.losses import get_loss
+    from benchmark.zoo.schedules import EDM
+
+    x, y = train_points(optimal)
+    x, y = x[:3], y[:3]
+    den = optimal.denoiser
+    rdc = RobustDiffusionClassifier(denoiser=den, timesteps=5, lm_timesteps=2, steps=1,
+                                    variant=variant)
+    plain, weighted = Lagrange(weights=[0.0, 1.0], steps=1)._runs
+    forward, ce = _head_forward(rdc), get_loss("ce")
+    rdc.reseed(5)
+    l0, _ = plain.objective(rdc, forward, x, y, ce, 1)
+    rdc.reseed(5)
+    l1, _ = weighted.objective(rdc, forward, x, y, ce, 1)
+    penalty = l0 - l1
+
+    rdc.reseed(5)
+    forward(x)  # the classifier term's draws come first
+    g = rdc.generator_for(x)
+    if variant == "t1":
+        sigma = 0.4 + 0.2 * torch.rand(3, generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        xt = (2 * x - 1) + sigma.view(-1, 1, 1, 1) * eps
+        ref = (den.eps(xt, sigma, None, schedule=EDM()) - eps).pow(2).flatten(1).sum(1)
+    else:
+        ts = systematic_timesteps(1000, 2)
+        eps = torch.randn((3, 2, *x.shape[1:]), generator=g)
+        a, s = rdc.schedule.alpha_sigma(ts)
+        ref = torch.stack([(den.eps(a[j] * (2 * x - 1) + s[j] * eps[:, j], int(t), None,
+                                    schedule=rdc.schedule) - eps[:, j]).pow(2).flatten(1).sum(1)
+                           for j, t in enumerate(ts.tolist())], 1).mean(1)
+    torch.testing.assert_close(penalty, ref, rtol=1e-4, atol=1e-3)
+    rdc.reseed(5)
+    forward(x)
+    ddpm = rdc.likelihood_objective(x)  # the classifier's T' = 5: another objective
+    assert (penalty - ddpm).abs().max() > 1e-2 * ddpm.abs().max()
+    assert likelihood_penalty(rdc) == rdc.lm_objective
+    dc = DiffusionClassifier(denoiser=den, timesteps=2)
+    assert likelihood_penalty(dc) == dc.likelihood_objective
+
+
 def test_bad_inputs_name_the_value(optimal):
     den = optimal.denoiser
     with pytest.raises(ValueError, match="got 5000"):
