@@ -14,7 +14,8 @@ RDC (algorithm 1) first maximizes the likelihood by minimizing the *unconditiona
 loss within an l-inf ball (``v1``: N = 10 momentum sign steps, mu = 1, eta = 8/255, step eta/N;
 the l2 variant of appendix C uses eta = 0.5), or with the authors' later public code (``t1``:
 Adam, lr 0.1 in [-1, 1] space, 5 steps, one noise level per step and per row with EDM
-sigma ~ U[0.4, 0.6]).
+sigma ~ U[0.4, 0.6]). In both of the paper's settings eta equals the attack's epsilon:
+suites set ``eta`` per threat model (see :class:`RobustDiffusionClassifier`).
 
 Paper numbers (CIFAR-10, 512 test images, tables 1 and 3): RDC 73.24% robust under l-inf 8/255,
 80.27% under l2 0.5, 91.41% under StAdv; BPDA (N = 10) 73.24, Lagrange 77.54, exact gradient
@@ -233,6 +234,16 @@ class DiffusionClassifier(Defense):
         err = self._row_errors(xt, t_rows, None, eps.reshape(b * tp, *event))
         return err.view(b, tp).mean(dim=1)
 
+    def config(self) -> dict[str, Any]:
+        """The resolved settings (defaults filled in), for ``repr`` and records."""
+        return {"timesteps": len(self.timesteps), "classes": self.classes.tolist(),
+                "share_noise": self.share_noise, "rows_per_batch": self._rows_setting,
+                "checkpoint": self.use_checkpoint}
+
+    def extra_repr(self) -> str:
+        own = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{own}, " + super().extra_repr()
+
 
 @register_defense("rdc")
 class RobustDiffusionClassifier(DiffusionClassifier):
@@ -241,7 +252,15 @@ class RobustDiffusionClassifier(DiffusionClassifier):
     ``variant``: ``"v1"`` (the paper) or ``"t1"`` (the authors' later code). ``norm`` ("linf" or
     "l2") sets v1's ball; ``steps``, ``eta``, ``momentum`` override v1's N, eta, mu; ``lr``,
     ``sigma_range`` override t1's. ``lm_timesteps`` is the T' of v1's likelihood objective
-    (default: the classifier's).
+    (default: the classifier's). :meth:`config` reports all of them resolved.
+
+    **eta.** The paper sets the likelihood-maximization budget eta equal to the attack's
+    epsilon in both of its settings (l-inf 8/255, l2 0.5; sec. 4.1 and appendix C); that is
+    the rule, and the default here is the paper's epsilon (8/255 for ``norm="linf"``, 0.5 for
+    ``"l2"``) whatever the threat. A threat with another epsilon (digits: l-inf 0.1, l2 1.0)
+    needs eta set to it: suites set ``eta`` per threat model (``params_by_threat``), which
+    records it in each job's defense params. With the default, a larger attack budget faces a
+    likelihood maximization that cannot move the input back as far as it was pushed.
     """
 
     def __init__(self, *, variant: str = "v1", norm: str = "linf", steps: int | None = None,
@@ -279,6 +298,14 @@ class RobustDiffusionClassifier(DiffusionClassifier):
             self.lm_timesteps = self.timesteps
         lm_nfe = (len(self.lm_timesteps) if variant == "v1" else 1) * steps
         self.nfe_per_call = lm_nfe + len(self.timesteps) * self.num_classes
+
+    def config(self) -> dict[str, Any]:
+        """The resolved settings: DC's plus variant, norm, steps, eta, momentum, lr,
+        sigma_range and lm_timesteps (T' of v1's objective)."""
+        return {**super().config(), "variant": self.variant, "norm": self.norm,
+                "steps": self.steps, "eta": self.eta, "momentum": self.momentum,
+                "lr": self.lr, "sigma_range": list(self.sigma_range),
+                "lm_timesteps": len(self.lm_timesteps)}
 
     # -- the likelihood-maximization objective ------------------------------------------------
     def _lm_noise(self, x01: Tensor) -> tuple[Tensor | None, Tensor]:

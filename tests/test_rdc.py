@@ -145,6 +145,23 @@ def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
+def test_rdc_config_reports_the_resolved_settings(optimal):
+    """eta (and the rest) resolved in config(), so a record never says only 'default'."""
+    den = optimal.denoiser
+    cfg = RobustDiffusionClassifier(denoiser=den, timesteps=5).config()
+    assert cfg["eta"] == 8 / 255 and cfg["norm"] == "linf" and cfg["steps"] == 10
+    assert {"variant", "norm", "steps", "eta", "momentum", "lr", "sigma_range",
+            "lm_timesteps", "timesteps"} <= cfg.keys()
+    assert cfg["lm_timesteps"] == cfg["timesteps"] == 5
+    l2 = RobustDiffusionClassifier(denoiser=den, timesteps=5, norm="l2", lm_timesteps=3)
+    assert l2.config()["eta"] == 0.5 and l2.config()["lm_timesteps"] == 3
+    t1 = RobustDiffusionClassifier(denoiser=den, timesteps=5, variant="t1", eta=0.1)
+    assert t1.config()["eta"] == 0.1 and t1.config()["steps"] == 5
+    assert t1.config()["sigma_range"] == [0.4, 0.6]
+    assert "eta=0.1" in repr(t1)
+    assert DiffusionClassifier(denoiser=den, timesteps=5).config()["timesteps"] == 5
+
+
 def test_t1_draws_one_sigma_per_row(optimal):
     """EOT copies stacked along the batch (identical rows) get their own noise level, and the
     EDM loss of each row uses its own sigma."""
