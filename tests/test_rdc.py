@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from attacks import PGD
+from benchmark.api.defense import Defense
 from benchmark.data import load_dataset
 from benchmark.zoo.analytic import OptimalDenoiser
 from defenses.rdc import (
@@ -125,10 +128,13 @@ def test_rdc_exact_gradient_flows_through_purification(optimal, variant):
     assert {"purify", "head", "likelihood_objective"} <= rdc.capabilities()
 
 
-@pytest.mark.parametrize(("variant", "norm"), [("v1", "linf"), ("v1", "l2"), ("t1", "linf")])
-def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
+@pytest.mark.parametrize(("variant", "norm", "tau"),
+                         [("v1", "linf", None), ("v1", "l2", None), ("t1", "linf", None),
+                          ("v1", "linf", 0.5), ("t1", "linf", 0.5)])
+def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm, tau):
     """Per-step checkpointing of the likelihood maximization recomputes each step with the noise
-    drawn before it: the same exact (second-order) gradient as keeping the whole graph."""
+    drawn before it (t1: a sigma per row): the same exact (second-order) gradient as keeping the
+    whole graph, with the true derivative of the sign-like steps or the smooth one."""
     x, y = train_points(optimal)
     x = (x[:3] + 0.05 * torch.randn(x[:3].shape, generator=torch.Generator().manual_seed(1))
          ).clamp(0, 1)
@@ -138,8 +144,9 @@ def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
                                         variant=variant, norm=norm, checkpoint=ckpt)
         rdc.reseed(7)
         xr = x.clone().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(rdc(xr), y[:3])
-        (g,) = torch.autograd.grad(loss, xr)
+        with rdc.smooth_sign(tau) if tau is not None else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(rdc(xr), y[:3])
+            (g,) = torch.autograd.grad(loss, xr)
         grads.append(g)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
@@ -223,6 +230,57 @@ def test_lagrange_penalty_is_the_likelihood_maximizations_objective(optimal, var
     assert likelihood_penalty(rdc) == rdc.lm_objective
     dc = DiffusionClassifier(denoiser=den, timesteps=2)
     assert likelihood_penalty(dc) == dc.likelihood_objective
+
+
+def test_exact_attack_sign_tau(optimal):
+    """sign_tau: validated, in config (and so the job key) only when set, refused where the
+    defense has no smooth sign, run inside the defense's smooth_sign, recorded in extras."""
+    from attacks.exact import Exact
+
+    for bad, error in [(0, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                       (float("inf"), ValueError), ("0.5", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match=f"sign_tau must be .*got {bad!r}"):
+            Exact(sign_tau=bad)
+    assert "sign_tau" not in Exact(steps=1).config()  # plain exact jobs keep their keys
+    assert Exact(steps=1, sign_tau=0.25).config()["sign_tau"] == 0.25
+
+    seen = []
+
+    class Spy(RobustDiffusionClassifier):
+        def purify(self, x):
+            if x.requires_grad:
+                seen.append(self._sign_tau)
+            return super().purify(x)
+
+    den = optimal.denoiser
+    rdc = Spy(denoiser=den, timesteps=2, steps=1)
+    x, y = train_points(optimal)
+    x, y = x[:2], y[:2]
+    threat = LinfThreat(8 / 255)
+    assert Exact(steps=1, sign_tau=0.5).incompatibility(rdc, threat) is None
+    res = Exact(steps=1, sign_tau=0.5).run(rdc, x, y, threat)
+    assert seen == [0.5] and rdc._sign_tau is None
+    assert res.extras["gradient"] == "exact-smooth(tau=0.5)"
+    seen.clear()
+    res = Exact(steps=1).run(rdc, x, y, threat)
+    assert seen == [None] and res.extras["gradient"] == "exact"
+    l2 = RobustDiffusionClassifier(denoiser=den, timesteps=2, steps=1, norm="l2")
+    why = Exact(steps=1, sign_tau=0.5).incompatibility(l2, L2Threat(0.5))
+    assert why is not None and "no sign-like step" in why
+    assert Exact(steps=1).incompatibility(l2, L2Threat(0.5)) is None
+
+    class PurifyOnly(Defense):
+        def purify(self, x):
+            return x
+
+        def head(self, x):
+            return x.flatten(1)[:, :10]
+
+        def forward(self, x):
+            return self.head(self.purify(x))
+
+    why = Exact(steps=1, sign_tau=0.5).incompatibility(PurifyOnly(), threat)
+    assert why is not None and "smooth_sign(tau)" in why and "PurifyOnly" in why
 
 
 def test_bad_inputs_name_the_value(optimal):
