@@ -232,6 +232,32 @@ def test_lagrange_penalty_is_the_likelihood_maximizations_objective(optimal, var
     assert likelihood_penalty(dc) == dc.likelihood_objective
 
 
+class _NoiselessDC(DiffusionClassifier):
+    """DC with eps = 0: deterministic, so the attack's success can be recomputed."""
+
+    def _noise(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def test_lagrange_runs_on_a_diffusion_classifier(optimal):
+    """DC declares no head and no purify: Lagrange's classifier term is DC itself (a
+    Defense's undeclared head is not called), and the success is the defense's decision on
+    x_adv (test digits: some fall, some do not)."""
+    from attacks.lagrange import Lagrange
+
+    dc = _NoiselessDC(denoiser=optimal.denoiser, timesteps=2)
+    ds = load_dataset("digits")
+    x, y = ds.test.x[:8], ds.test.y[:8]
+    threat = LinfThreat(0.05)
+    res = Lagrange(weights=[0.0, 1.0], steps=3).run(dc, x, y, threat,
+                                                     generator=torch.Generator().manual_seed(0))
+    assert threat.check(x, res.x_adv, res.params) is None
+    with torch.no_grad():
+        fell = (dc(res.x_adv).argmax(1) != y).tolist()
+    assert res.extras["success"] == fell
+    assert any(fell) and not all(fell)
+
+
 def test_exact_attack_sign_tau(optimal):
     """sign_tau: validated, in config (and so the job key) only when set, refused where the
     defense has no smooth sign, run inside the defense's smooth_sign, recorded in extras."""
