@@ -5,8 +5,12 @@ adversarial example where it is:
     maximize  CE(f(x), y) - l * L_uncond(x),   l in {0, 1, 10},
 
 one PGD run per weight; a sample falls if any weight succeeds against the whole defense
-(paper: 77.54% on CIFAR-10, no stronger than BPDA's 73.24%). ``L_uncond`` is the defense's
-``likelihood_objective``.
+(paper: 77.54% on CIFAR-10, no stronger than BPDA's 73.24%). ``L_uncond`` is the objective the
+defense's likelihood maximization itself minimizes, so that a low penalty means purification has
+nothing to do: the defense's ``lm_objective`` where it has one (RDC: t1's EDM denoising loss at
+sigma ~ U[0.4, 0.6], v1's DDPM loss over its ``lm_timesteps``), else its
+``likelihood_objective`` (DC: the DDPM loss over the classifier's T'). See
+:func:`likelihood_penalty`.
 
 ``through`` picks the classifier term f:
 
@@ -37,6 +41,16 @@ from benchmark.api.threat import ThreatModel
 from benchmark.plugins import register_attack
 
 
+def likelihood_penalty(defense: nn.Module) -> Any:
+    """The per-sample penalty of eq. 10 for ``defense``: its ``lm_objective`` (the objective of
+    its own likelihood maximization, fresh noise per row) if it has one, else its
+    ``likelihood_objective``."""
+    lm = getattr(defense, "lm_objective", None)
+    if callable(lm):
+        return lm
+    return defense.likelihood_objective  # guaranteed by Lagrange.requires
+
+
 class _Penalized(PGD):
     def __init__(self, weight: float, **kw: Any) -> None:
         super().__init__(**kw)
@@ -46,8 +60,7 @@ class _Penalized(PGD):
                   loss_fn: Any, draws: int) -> tuple[Tensor, Tensor]:
         losses, success = super().objective(defense, forward, x_adv, y, loss_fn, draws)
         if self.weight:
-            objective: Any = defense.likelihood_objective  # guaranteed by `requires`
-            losses = losses - self.weight * objective(x_adv)
+            losses = losses - self.weight * likelihood_penalty(defense)(x_adv)
         return losses, success
 
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from attacks import PGD
+from benchmark.api.defense import Defense
 from benchmark.data import load_dataset
 from benchmark.zoo.analytic import OptimalDenoiser
 from defenses.rdc import (
@@ -125,10 +128,13 @@ def test_rdc_exact_gradient_flows_through_purification(optimal, variant):
     assert {"purify", "head", "likelihood_objective"} <= rdc.capabilities()
 
 
-@pytest.mark.parametrize(("variant", "norm"), [("v1", "linf"), ("v1", "l2"), ("t1", "linf")])
-def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
+@pytest.mark.parametrize(("variant", "norm", "tau"),
+                         [("v1", "linf", None), ("v1", "l2", None), ("t1", "linf", None),
+                          ("v1", "linf", 0.5), ("t1", "linf", 0.5)])
+def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm, tau):
     """Per-step checkpointing of the likelihood maximization recomputes each step with the noise
-    drawn before it: the same exact (second-order) gradient as keeping the whole graph."""
+    drawn before it (t1: a sigma per row): the same exact (second-order) gradient as keeping the
+    whole graph, with the true derivative of the sign-like steps or the smooth one."""
     x, y = train_points(optimal)
     x = (x[:3] + 0.05 * torch.randn(x[:3].shape, generator=torch.Generator().manual_seed(1))
          ).clamp(0, 1)
@@ -138,11 +144,169 @@ def test_checkpointed_steps_give_the_exact_gradient(optimal, variant, norm):
                                         variant=variant, norm=norm, checkpoint=ckpt)
         rdc.reseed(7)
         xr = x.clone().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(rdc(xr), y[:3])
-        (g,) = torch.autograd.grad(loss, xr)
+        with rdc.smooth_sign(tau) if tau is not None else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(rdc(xr), y[:3])
+            (g,) = torch.autograd.grad(loss, xr)
         grads.append(g)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_rdc_config_reports_the_resolved_settings(optimal):
+    """eta (and the rest) resolved in config(), so a record never says only 'default'."""
+    den = optimal.denoiser
+    cfg = RobustDiffusionClassifier(denoiser=den, timesteps=5).config()
+    assert cfg["eta"] == 8 / 255 and cfg["norm"] == "linf" and cfg["steps"] == 10
+    assert {"variant", "norm", "steps", "eta", "momentum", "lr", "sigma_range",
+            "lm_timesteps", "timesteps"} <= cfg.keys()
+    assert cfg["lm_timesteps"] == cfg["timesteps"] == 5
+    l2 = RobustDiffusionClassifier(denoiser=den, timesteps=5, norm="l2", lm_timesteps=3)
+    assert l2.config()["eta"] == 0.5 and l2.config()["lm_timesteps"] == 3
+    t1 = RobustDiffusionClassifier(denoiser=den, timesteps=5, variant="t1", eta=0.1)
+    assert t1.config()["eta"] == 0.1 and t1.config()["steps"] == 5
+    assert t1.config()["sigma_range"] == [0.4, 0.6]
+    assert "eta=0.1" in repr(t1)
+    assert DiffusionClassifier(denoiser=den, timesteps=5).config()["timesteps"] == 5
+
+
+def test_t1_draws_one_sigma_per_row(optimal):
+    """EOT copies stacked along the batch (identical rows) get their own noise level, and the
+    EDM loss of each row uses its own sigma."""
+    x, _ = train_points(optimal)
+    rdc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=5, variant="t1")
+    twins = x[:1].expand(4, *x.shape[1:])
+    rdc.reseed(0)
+    sigma, eps = rdc._lm_noise(twins)
+    assert sigma is not None and sigma.shape == (4,)
+    assert len(sigma.unique()) == 4 and ((sigma >= 0.4) & (sigma <= 0.6)).all()
+    rows = rdc._lm_loss(twins, sigma, eps)
+    for i in range(4):
+        one = rdc._lm_loss(twins[i:i + 1], sigma[i:i + 1], eps[i:i + 1])
+        torch.testing.assert_close(rows[i:i + 1], one)
+
+
+@pytest.mark.parametrize("variant", ["t1", "v1"])
+def test_lagrange_penalty_is_the_likelihood_maximizations_objective(optimal, variant):
+    """Eq. 10's penalty is what purify minimizes: t1's EDM loss at sigma ~ U[0.4, 0.6] (one per
+    row), v1's DDPM loss over lm_timesteps; not DC's DDPM loss over the classifier's T'. Read
+    off the attack's own objective: objective(weight 0) - objective(weight 1), same noise."""
+    from attacks.lagrange import Lagrange, _head_forward, likelihood_penalty
+    from attacks.losses import get_loss
+    from benchmark.zoo.schedules import EDM
+
+    x, y = train_points(optimal)
+    x, y = x[:3], y[:3]
+    den = optimal.denoiser
+    rdc = RobustDiffusionClassifier(denoiser=den, timesteps=5, lm_timesteps=2, steps=1,
+                                    variant=variant)
+    plain, weighted = Lagrange(weights=[0.0, 1.0], steps=1)._runs
+    forward, ce = _head_forward(rdc), get_loss("ce")
+    rdc.reseed(5)
+    l0, _ = plain.objective(rdc, forward, x, y, ce, 1)
+    rdc.reseed(5)
+    l1, _ = weighted.objective(rdc, forward, x, y, ce, 1)
+    penalty = l0 - l1
+
+    rdc.reseed(5)
+    forward(x)  # the classifier term's draws come first
+    g = rdc.generator_for(x)
+    if variant == "t1":
+        sigma = 0.4 + 0.2 * torch.rand(3, generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        xt = (2 * x - 1) + sigma.view(-1, 1, 1, 1) * eps
+        ref = (den.eps(xt, sigma, None, schedule=EDM()) - eps).pow(2).flatten(1).sum(1)
+    else:
+        ts = systematic_timesteps(1000, 2)
+        eps = torch.randn((3, 2, *x.shape[1:]), generator=g)
+        a, s = rdc.schedule.alpha_sigma(ts)
+        ref = torch.stack([(den.eps(a[j] * (2 * x - 1) + s[j] * eps[:, j], int(t), None,
+                                    schedule=rdc.schedule) - eps[:, j]).pow(2).flatten(1).sum(1)
+                           for j, t in enumerate(ts.tolist())], 1).mean(1)
+    torch.testing.assert_close(penalty, ref, rtol=1e-4, atol=1e-3)
+    rdc.reseed(5)
+    forward(x)
+    ddpm = rdc.likelihood_objective(x)  # the classifier's T' = 5: another objective
+    assert (penalty - ddpm).abs().max() > 1e-2 * ddpm.abs().max()
+    assert likelihood_penalty(rdc) == rdc.lm_objective
+    dc = DiffusionClassifier(denoiser=den, timesteps=2)
+    assert likelihood_penalty(dc) == dc.likelihood_objective
+
+
+class _NoiselessDC(DiffusionClassifier):
+    """DC with eps = 0: deterministic, so the attack's success can be recomputed."""
+
+    def _noise(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def test_lagrange_runs_on_a_diffusion_classifier(optimal):
+    """DC declares no head and no purify: Lagrange's classifier term is DC itself (a
+    Defense's undeclared head is not called), and the success is the defense's decision on
+    x_adv (test digits: some fall, some do not)."""
+    from attacks.lagrange import Lagrange
+
+    dc = _NoiselessDC(denoiser=optimal.denoiser, timesteps=2)
+    ds = load_dataset("digits")
+    x, y = ds.test.x[:8], ds.test.y[:8]
+    threat = LinfThreat(0.05)
+    res = Lagrange(weights=[0.0, 1.0], steps=3).run(dc, x, y, threat,
+                                                     generator=torch.Generator().manual_seed(0))
+    assert threat.check(x, res.x_adv, res.params) is None
+    with torch.no_grad():
+        fell = (dc(res.x_adv).argmax(1) != y).tolist()
+    assert res.extras["success"] == fell
+    assert any(fell) and not all(fell)
+
+
+def test_exact_attack_sign_tau(optimal):
+    """sign_tau: validated, in config (and so the job key) only when set, refused where the
+    defense has no smooth sign, run inside the defense's smooth_sign, recorded in extras."""
+    from attacks.exact import Exact
+
+    for bad, error in [(0, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                       (float("inf"), ValueError), ("0.5", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match=f"sign_tau must be .*got {bad!r}"):
+            Exact(sign_tau=bad)
+    assert "sign_tau" not in Exact(steps=1).config()  # plain exact jobs keep their keys
+    assert Exact(steps=1, sign_tau=0.25).config()["sign_tau"] == 0.25
+
+    seen = []
+
+    class Spy(RobustDiffusionClassifier):
+        def purify(self, x):
+            if x.requires_grad:
+                seen.append(self._sign_tau)
+            return super().purify(x)
+
+    den = optimal.denoiser
+    rdc = Spy(denoiser=den, timesteps=2, steps=1)
+    x, y = train_points(optimal)
+    x, y = x[:2], y[:2]
+    threat = LinfThreat(8 / 255)
+    assert Exact(steps=1, sign_tau=0.5).incompatibility(rdc, threat) is None
+    res = Exact(steps=1, sign_tau=0.5).run(rdc, x, y, threat)
+    assert seen == [0.5] and rdc._sign_tau is None
+    assert res.extras["gradient"] == "exact-smooth(tau=0.5)"
+    seen.clear()
+    res = Exact(steps=1).run(rdc, x, y, threat)
+    assert seen == [None] and res.extras["gradient"] == "exact"
+    l2 = RobustDiffusionClassifier(denoiser=den, timesteps=2, steps=1, norm="l2")
+    why = Exact(steps=1, sign_tau=0.5).incompatibility(l2, L2Threat(0.5))
+    assert why is not None and "no sign-like step" in why
+    assert Exact(steps=1).incompatibility(l2, L2Threat(0.5)) is None
+
+    class PurifyOnly(Defense):
+        def purify(self, x):
+            return x
+
+        def head(self, x):
+            return x.flatten(1)[:, :10]
+
+        def forward(self, x):
+            return self.head(self.purify(x))
+
+    why = Exact(steps=1, sign_tau=0.5).incompatibility(PurifyOnly(), threat)
+    assert why is not None and "smooth_sign(tau)" in why and "PurifyOnly" in why
 
 
 def test_bad_inputs_name_the_value(optimal):
