@@ -8,6 +8,12 @@ This is the AutoAttack of record. The adapter pins what the reference protocol n
 * ``n_iter`` (APGD, FAB) and ``n_queries`` (Square) override the library's 100 / 5000; APGD's
   step-size checkpoints are rescaled with ``n_iter`` exactly as the library does for a
   fresh ``APGDAttack(n_iter=...)``;
+* ``forward`` (a hook, defense -> differentiable forward, as PGD's) is what the library
+  attacks: it sees a :class:`DefenseView` over ``forward(defense)`` instead of the defense.
+  ``BPDA(attack="autoattack", ...)`` passes :func:`attacks.bpda.bpda_forward` here, which is
+  RDC's headline protocol (AutoAttack through BPDA of the likelihood maximization). The
+  version still reads the *defense* (its ``stochastic`` flag); the hook is not configuration
+  (``config()`` omits it);
 * the seed is drawn from the run's generator, and the library's global ``manual_seed`` calls
   run inside :func:`torch.random.fork_rng`, so the caller's random state is left untouched;
 * the library's ``auto-attack`` log warnings (randomized/dynamic defense, zero gradients,
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks._ascent import check_bool, check_choice, check_positive_int
+from attacks.pgd import ForwardHook
 from benchmark.api.attack import Attack, AttackResult, AttackTraits, Budget, Forward
 from benchmark.api.threat import ThreatModel
 from benchmark.plugins import did_you_mean, register_attack
@@ -137,7 +144,8 @@ class AutoAttack(Attack):
 
     ``result.extras`` records the resolved ``version`` and ``attacks``, the ``seed``, the
     library's own robust accuracy (single-pass) and its ``warnings``. ``grad_evals`` counts the
-    batched gradient calls AutoAttack made (EOT draws counted).
+    batched gradient calls AutoAttack made (EOT draws counted). ``forward`` maps the defense to
+    the function the library attacks (BPDA's hook; default: the defense itself).
     """
 
     name: ClassVar[str] = "autoattack"
@@ -153,7 +161,7 @@ class AutoAttack(Attack):
 
     def __init__(self, *, version: str = "auto", attacks: list[str] | None = None,
                  n_iter: int = 100, n_queries: int = 5000, batch_size: int = 500,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, forward: ForwardHook | None = None) -> None:
         check_choice(version, "version", VERSIONS)
         if attacks is not None:
             if version not in ("auto", "custom"):
@@ -169,12 +177,16 @@ class AutoAttack(Attack):
             attacks = list(attacks)
         elif version == "custom":
             raise ValueError("version 'custom' needs attacks=[...]")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be a callable defense -> forward function (a hook "
+                            f"such as attacks.bpda.bpda_forward) or None, got {forward!r}")
         self.version = version
         self.attacks = attacks
         self.n_iter = check_positive_int(n_iter, "n_iter")
         self.n_queries = check_positive_int(n_queries, "n_queries")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.verbose = check_bool(verbose, "verbose")
+        self._forward = forward
         self._resolved: str | None = None
 
     def resolve_version(self, defense: nn.Module) -> str:
@@ -192,6 +204,7 @@ class AutoAttack(Attack):
         return Budget(steps=self.n_iter, restarts=restarts, eot_draws=draws)
 
     def config(self) -> dict[str, Any]:
+        # the forward hook is code, not configuration (as PGD's): BPDA records itself
         return {"version": self.version, "attacks": self.attacks, "n_iter": self.n_iter,
                 "n_queries": self.n_queries, "batch_size": self.batch_size,
                 "verbose": self.verbose}
@@ -235,7 +248,8 @@ class AutoAttack(Attack):
         self._resolved = version
         seed = draw_seed(generator)
         x, y = x.detach(), y.detach()
-        view = DefenseView(defense, x.device)
+        forward: Forward = self._forward(defense) if self._forward is not None else defense
+        view = DefenseView(forward, x.device)
         with torch.no_grad():
             classes = int(view(x[:1]).shape[1])
         self._check_classes(version, classes)

@@ -1,19 +1,28 @@
-"""The AutoAttack (pyautoattack) and torchattacks adapters on tiny linear models."""
+"""The AutoAttack (pyautoattack) and torchattacks adapters on tiny linear models.
+
+AutoAttack through a forward hook (BPDA, issue 15 hole 3) runs on a quantizing purifier with
+zero gradient.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from pyautoattack import AutoAttack as PyAutoAttack
 from pyautoattack.autopgd_base import APGDAttack
+from torch import Tensor
 
-from attacks import PGD, AutoAttack, StAdv, TorchAttacks
+from attacks import BPDA, PGD, AutoAttack, StAdv, TorchAttacks
 from attacks.autoattack import VERSION_BUDGETS, DefenseView
+from attacks.bpda import bpda_forward
 from benchmark.api.attack import Attack, Budget
 from benchmark.api.threat import ThreatModel
-from tests.toys import Linear, NoisyLinear, gen, single_thread
+from benchmark.plugins.traits import attack_traits
+from tests.toys import Linear, NoisyLinear, Quantized, gen, single_thread
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 
 
@@ -160,6 +169,16 @@ def test_autoattack_parameters_and_compatibility() -> None:
         AutoAttack(version="standard").run(model, x, y, LinfThreat(0.1))
 
 
+def test_forward_hook_is_not_configuration() -> None:
+    with pytest.raises(TypeError, match="forward must be a callable.*got 'bpda'"):
+        AutoAttack(forward="bpda")  # type: ignore[arg-type]
+    aa = AutoAttack(attacks=["apgd-dlr"], forward=bpda_forward)
+    config = aa.config()
+    assert "forward" not in config and not any(callable(v) for v in config.values())
+    json.dumps(config)
+    assert AutoAttack(**config).config() == config
+
+
 def test_defense_view_hides_the_defense_from_mode_switches() -> None:
     model, _, _ = _linear()
     model.eval()
@@ -167,6 +186,76 @@ def test_defense_view_hides_the_defense_from_mode_switches() -> None:
     view.train()
     assert not model.training
     assert list(view.children()) == []
+
+
+# -- AutoAttack through BPDA (issue 15, hole 3) --------------------------------------------------
+
+def _quantized(stochastic: bool = False, n: int = 2) -> tuple[Quantized, Tensor, Tensor, float]:
+    """4 classes; class 1 is the only rival (classes 2 and 3 sit 100 below). x = 0.5 is a
+    multiple of 1/8, so l-inf 0.1 rounds to steps of 0.125 and the clean margin
+    -0.1 ||w1||_1 becomes +0.025 ||w1||_1 at the quantized worst case. Rounding has zero
+    gradient: only BPDA (identity surrogate) sees the head's."""
+    w1 = torch.randn(16, generator=_gen(5))
+    weight = torch.stack([torch.zeros(16), w1, torch.zeros(16), torch.zeros(16)])
+    bias = torch.tensor([0.0, float(-(w1 * 0.5).sum() - 0.1 * w1.abs().sum()), -100.0, -100.0])
+    defense = NoisyQuantized(weight, bias) if stochastic else Quantized(weight, bias)
+    defense.reseed(0)
+    return defense, torch.full((n, 1, 4, 4), 0.5), torch.zeros(n, dtype=torch.long), 0.1
+
+
+class NoisyQuantized(Quantized):
+    """:class:`tests.toys.Quantized` with Gaussian noise (sigma 0.01) before rounding: stochastic,
+    though a draw flips a rounding only 3.75 sigma away (never, in practice)."""
+
+    stochastic = True
+
+    def purify(self, x: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device,
+                            dtype=x.dtype)
+        return super().purify(x + 0.01 * noise)
+
+
+def test_bpda_autoattack_breaks_a_zero_gradient_purifier_that_autoattack_cannot() -> None:
+    defense, x, y, eps = _quantized()
+    threat = LinfThreat(eps)
+    params: dict[str, Any] = {"attacks": ["apgd-dlr"], "n_iter": 10}
+    plain = AutoAttack(**params).run(defense, x, y, threat, generator=_gen())
+    assert (defense(plain.x_adv).argmax(1) == y).all()
+    assert any("zero gradient" in w for w in plain.extras["warnings"])
+    bpda = BPDA(attack="autoattack", **params)
+    assert bpda.incompatibility(defense, threat) is None
+    r = bpda.run(defense, x, y, threat, generator=_gen())
+    assert threat.check(x, r.x_adv, r.params) is None
+    assert (defense(r.x_adv).argmax(1) == 1).all()
+    assert not any("zero gradient" in w for w in r.extras["warnings"])
+    assert r.extras["gradient"] == "bpda" and r.extras["version"] == "custom"
+    assert r.grad_evals > 0
+    # BPDA is exactly AutoAttack with the straight-through hook
+    hooked = AutoAttack(**params, forward=bpda_forward).run(defense, x, y, threat,
+                                                            generator=_gen())
+    assert torch.equal(hooked.x_adv, r.x_adv)
+    # reported as a BPDA row wrapping AutoAttack; its configuration holds no callable
+    config = bpda.config()
+    json.dumps(config)
+    assert config == {"attack": "autoattack", **params}
+    assert "forward" not in bpda.inner.config()
+    traits = attack_traits("bpda", config)
+    assert traits.gradient == "bpda" and traits.wraps == "autoattack"
+    assert bpda.budget == Budget(steps=10, restarts=5, eot_draws=1)
+    reason = bpda.incompatibility(defense, StAdvThreat())
+    assert reason is not None and "stadv" in reason
+
+
+@pytest.mark.parametrize(("stochastic", "version"),
+                         [(True, "rand"), (False, "standard")],
+                         ids=["stochastic", "deterministic"])
+def test_bpda_autoattack_auto_version_reads_the_defense(stochastic: bool, version: str) -> None:
+    defense, x, y, eps = _quantized(stochastic)
+    bpda = BPDA(attack="autoattack", n_iter=4, n_queries=10)
+    r = bpda.run(defense, x, y, LinfThreat(eps), generator=_gen())
+    assert r.extras["version"] == version
+    assert bpda.budget == Budget(4, *VERSION_BUDGETS[version])
+    assert (defense(r.x_adv).argmax(1) == 1).all()
 
 
 # -- torchattacks ------------------------------------------------------------------------------
