@@ -261,8 +261,8 @@ def test_bpda_requires_purify_and_a_forward_hook() -> None:
     reason = BPDA().incompatibility(model, LinfThreat(0.1))
     assert reason is not None and "purify" in reason
     assert BPDA.requires == frozenset({"kind:classifier", "purify"})
-    with pytest.raises(TypeError, match="forward"):
-        BPDA(attack="autoattack")
+    with pytest.raises(TypeError, match="flow-pgd-in.*forward"):
+        BPDA(attack="flow-pgd-in")  # a density attack: no forward hook
 
 
 # -- StAdv -------------------------------------------------------------------------------------

@@ -1,19 +1,31 @@
-"""The AutoAttack (pyautoattack) and torchattacks adapters on tiny linear models."""
+"""The AutoAttack (pyautoattack) and torchattacks adapters on tiny linear models.
+
+AutoAttack through a forward hook (BPDA, issue 15 hole 3) runs on a quantizing purifier with
+zero gradient; the unfiltered selection for stochastic defenses (hole 4) on a defense that is
+wrong on a lucky draw with probability p near the clean points and always wrong beyond.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from pyautoattack import AutoAttack as PyAutoAttack
 from pyautoattack.autopgd_base import APGDAttack
+from torch import Tensor
 
-from attacks import PGD, AutoAttack, StAdv, TorchAttacks
-from attacks.autoattack import VERSION_BUDGETS, DefenseView
+from attacks import BPDA, PGD, AutoAttack, StAdv, TorchAttacks
+from attacks.autoattack import VERSION_BUDGETS, DefenseView, _Selection
+from attacks.bpda import bpda_forward
 from benchmark.api.attack import Attack, Budget
+from benchmark.api.defense import Defense
 from benchmark.api.threat import ThreatModel
-from tests.toys import Linear, NoisyLinear, gen, single_thread
+from benchmark.plugins.traits import attack_traits
+from benchmark.run.runner import correct_counts
+from tests.toys import Linear, NoisyLinear, Quantized, gen, single_thread
 from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
 
 
@@ -70,6 +82,7 @@ def test_apgd_subset_is_feasible_and_as_strong_as_pgd_and_the_exact_worst_case(
     assert robust_aa <= robust_pgd + 1
     assert robust_aa <= _exact_robust(model, x, y, threat.eps, dual) + 1
     assert r.extras["version"] == "custom" and r.extras["attacks"] == ["apgd-ce", "apgd-dlr"]
+    assert r.extras["selection"] == "library"  # deterministic: the library's filtering is exact
     assert r.extras["aa_robust_accuracy"] == pytest.approx(robust_aa / len(y))
     assert r.grad_evals > 0
 
@@ -92,10 +105,15 @@ def test_auto_resolves_to_rand_for_a_stochastic_defense() -> None:
     aa = AutoAttack(n_iter=3)
     assert aa.resolve_version(defense) == "rand"
     assert aa.resolve_version(model) == "standard"
+    state = torch.get_rng_state()
     r = aa.run(defense, x, y, LinfThreat(0.05), generator=_gen())
-    assert r.extras["version"] == "rand"
+    assert r.extras["version"] == "rand" and r.extras["selection"] == "unfiltered"
     assert r.extras["attacks"] == ["apgd-ce", "apgd-dlr"]
     assert aa.budget == Budget(steps=3, restarts=1, eot_draws=20)
+    defense.reseed(0)
+    again = aa.run(defense, x, y, LinfThreat(0.05), generator=_gen())
+    assert torch.equal(r.x_adv, again.x_adv)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("version", ["standard", "plus", "rand"])
@@ -160,6 +178,60 @@ def test_autoattack_parameters_and_compatibility() -> None:
         AutoAttack(version="standard").run(model, x, y, LinfThreat(0.1))
 
 
+def test_forward_hook_is_not_configuration() -> None:
+    with pytest.raises(TypeError, match="forward must be a callable.*got 'bpda'"):
+        AutoAttack(forward="bpda")  # type: ignore[arg-type]
+    aa = AutoAttack(attacks=["apgd-dlr"], forward=bpda_forward)
+    config = aa.config()
+    assert "forward" not in config and not any(callable(v) for v in config.values())
+    json.dumps(config)
+    assert AutoAttack(**config).config() == config
+
+
+def test_selection_parameters_and_config() -> None:
+    with pytest.raises(ValueError, match="selection must be one of 'auto', 'library', "
+                                         "'unfiltered'.*got 'best'"):
+        AutoAttack(selection="best")
+    with pytest.raises(ValueError, match="select_draws must be an integer >= 1, got 0"):
+        AutoAttack(select_draws=0)
+    config = AutoAttack(attacks=["apgd-dlr"], selection="library", select_draws=5).config()
+    assert config["selection"] == "library" and config["select_draws"] == 5
+    json.dumps(config)
+    assert AutoAttack(**config).config() == config
+    model, _, _ = _linear()
+    noisy = NoisyLinear(model.weight, model.bias)
+    assert AutoAttack().resolve_selection(noisy) == "unfiltered"
+    assert AutoAttack().resolve_selection(model) == "library"
+    assert AutoAttack(selection="library").resolve_selection(noisy) == "library"
+    assert AutoAttack(selection="unfiltered").resolve_selection(model) == "unfiltered"
+
+
+def test_selection_prefers_fewer_correct_draws_then_the_higher_margin() -> None:
+    """On a deterministic two-class linear model every draw agrees: among correct candidates
+    the higher margin wins, a misclassified one beats any correct one, and a candidate equal to
+    the clean input costs no forward."""
+    model, x, y = _linear(classes=2, n=4)
+    toward = (model.weight[1] - model.weight[0]).view(1, 1, 4, 4) * (1 - 2 * y).view(-1, 1, 1, 1)
+    chosen = _Selection(model, x, y, draws=4, batch_size=100)
+    assert chosen.correct.tolist() == [4] * 4 and chosen.view.samples == 4 * 4
+    idx = torch.arange(4)
+    chosen.offer(idx, x.clone(), ("square", "returned"))  # the clean input again: skipped
+    assert chosen.view.samples == 16 and chosen.labels == [("clean", "clean")]
+    chosen.offer(idx, x + 1e-3 * toward, ("apgd-ce", "highest-loss"))  # higher margin
+    chosen.offer(idx, x - 1e-3 * toward, ("apgd-ce", "misclassified"))  # lower: never chosen
+    assert chosen.extras()["selected_iterate"] == ["highest-loss"] * 4
+    # only the first two points cross the boundary
+    far = x + torch.tensor([10.0, 10.0, 0.0, 2e-3]).view(-1, 1, 1, 1) * toward
+    chosen.offer(idx, far, ("apgd-dlr", "misclassified"))
+    extras = chosen.extras()
+    assert model(far).argmax(1).ne(y).tolist() == [True, True, False, False]
+    assert extras["selected_from"] == ["apgd-dlr", "apgd-dlr", "apgd-ce", "apgd-dlr"]
+    assert extras["select_correct"] == [0, 0, 4, 4]
+    assert extras["select_robust_accuracy"] == 0.5
+    # 4 clean, 4 + 4 + 3 candidates (the third point's "far" is its clean input), 4 draws each
+    assert extras["select_forward_samples"] == 4 * (4 + 4 + 4 + 3)
+
+
 def test_defense_view_hides_the_defense_from_mode_switches() -> None:
     model, _, _ = _linear()
     model.eval()
@@ -167,6 +239,181 @@ def test_defense_view_hides_the_defense_from_mode_switches() -> None:
     view.train()
     assert not model.training
     assert list(view.children()) == []
+
+
+def test_unfiltered_runs_every_sub_attack_of_plus() -> None:
+    """Every sub-attack kind (APGD restarts, APGD-T targets, FAB, FAB-T, Square) on every point;
+    on a deterministic model the choice is never worse than the library's filtered run."""
+    model, x, y = _linear(classes=4, n=8)
+    threat = LinfThreat(0.05)
+    params: dict[str, Any] = {"version": "plus", "n_iter": 3, "n_queries": 20}
+    lib = AutoAttack(**params, selection="library").run(model, x, y, threat, generator=_gen())
+    r = AutoAttack(**params, selection="unfiltered").run(model, x, y, threat, generator=_gen())
+    assert threat.check(x, r.x_adv, r.params) is None
+    assert r.extras["attacks"] == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert set(r.extras["selected_from"]) <= {"clean", *r.extras["attacks"]}
+    assert set(r.extras["selected_iterate"]) <= {"clean", "highest-loss", "misclassified",
+                                                 "returned"}
+    robust = model(r.x_adv).argmax(1) == y
+    assert [c == 10 for c in r.extras["select_correct"]] == robust.tolist()
+    assert 0 < int(robust.sum()) <= _robust(model, lib.x_adv, y) < len(y)
+    # every point meets every sub-attack
+    assert r.extras["forward_samples"] > lib.extras["forward_samples"]
+
+
+# -- AutoAttack through BPDA (issue 15, hole 3) --------------------------------------------------
+
+def _quantized(stochastic: bool = False, n: int = 2) -> tuple[Quantized, Tensor, Tensor, float]:
+    """4 classes; class 1 is the only rival (classes 2 and 3 sit 100 below). x = 0.5 is a
+    multiple of 1/8, so l-inf 0.1 rounds to steps of 0.125 and the clean margin
+    -0.1 ||w1||_1 becomes +0.025 ||w1||_1 at the quantized worst case. Rounding has zero
+    gradient: only BPDA (identity surrogate) sees the head's."""
+    w1 = torch.randn(16, generator=_gen(5))
+    weight = torch.stack([torch.zeros(16), w1, torch.zeros(16), torch.zeros(16)])
+    bias = torch.tensor([0.0, float(-(w1 * 0.5).sum() - 0.1 * w1.abs().sum()), -100.0, -100.0])
+    defense = NoisyQuantized(weight, bias) if stochastic else Quantized(weight, bias)
+    defense.reseed(0)
+    return defense, torch.full((n, 1, 4, 4), 0.5), torch.zeros(n, dtype=torch.long), 0.1
+
+
+class NoisyQuantized(Quantized):
+    """:class:`tests.toys.Quantized` with Gaussian noise (sigma 0.01) before rounding: stochastic,
+    though a draw flips a rounding only 3.75 sigma away (never, in practice)."""
+
+    stochastic = True
+
+    def purify(self, x: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device,
+                            dtype=x.dtype)
+        return super().purify(x + 0.01 * noise)
+
+
+def test_bpda_autoattack_breaks_a_zero_gradient_purifier_that_autoattack_cannot() -> None:
+    defense, x, y, eps = _quantized()
+    threat = LinfThreat(eps)
+    params: dict[str, Any] = {"attacks": ["apgd-dlr"], "n_iter": 10}
+    plain = AutoAttack(**params).run(defense, x, y, threat, generator=_gen())
+    assert (defense(plain.x_adv).argmax(1) == y).all()
+    assert any("zero gradient" in w for w in plain.extras["warnings"])
+    bpda = BPDA(attack="autoattack", **params)
+    assert bpda.incompatibility(defense, threat) is None
+    r = bpda.run(defense, x, y, threat, generator=_gen())
+    assert threat.check(x, r.x_adv, r.params) is None
+    assert (defense(r.x_adv).argmax(1) == 1).all()
+    assert not any("zero gradient" in w for w in r.extras["warnings"])
+    assert r.extras["gradient"] == "bpda" and r.extras["version"] == "custom"
+    assert r.grad_evals > 0
+    # BPDA is exactly AutoAttack with the straight-through hook
+    hooked = AutoAttack(**params, forward=bpda_forward).run(defense, x, y, threat,
+                                                            generator=_gen())
+    assert torch.equal(hooked.x_adv, r.x_adv)
+    # reported as a BPDA row wrapping AutoAttack; its configuration holds no callable
+    config = bpda.config()
+    json.dumps(config)
+    assert config == {"attack": "autoattack", **params}
+    assert "forward" not in bpda.inner.config()
+    traits = attack_traits("bpda", config)
+    assert traits.gradient == "bpda" and traits.wraps == "autoattack"
+    assert bpda.budget == Budget(steps=10, restarts=5, eot_draws=1)
+    reason = bpda.incompatibility(defense, StAdvThreat())
+    assert reason is not None and "stadv" in reason
+
+
+@pytest.mark.parametrize(("stochastic", "version", "selection"),
+                         [(True, "rand", "unfiltered"), (False, "standard", "library")],
+                         ids=["stochastic", "deterministic"])
+def test_bpda_autoattack_auto_version_reads_the_defense(stochastic: bool, version: str,
+                                                        selection: str) -> None:
+    defense, x, y, eps = _quantized(stochastic)
+    bpda = BPDA(attack="autoattack", n_iter=4, n_queries=10)
+    r = bpda.run(defense, x, y, LinfThreat(eps), generator=_gen())
+    assert (r.extras["version"], r.extras["selection"]) == (version, selection)
+    assert bpda.budget == Budget(4, *VERSION_BUDGETS[version])
+    assert (defense(r.x_adv).argmax(1) == 1).all()
+
+
+# -- unfiltered selection on stochastic defenses (issue 15, hole 4) -----------------------------
+
+class LuckyFlip(Defense):
+    """Three classes, labels 0 or 1: ``logits = scale * (W x + b)``, and on each draw, with
+    probability ``p``, class 2 wins by 1 with no gradient. Near the clean points a draw is wrong
+    with probability p (the majority of K draws is right); beyond the linear boundary every draw
+    is wrong. At scale 1e4 cross-entropy saturates (zero gradient), so APGD-CE only ever wins a
+    lucky draw; APGD-DLR is scale-free and crosses the boundary."""
+
+    stochastic = True
+
+    def __init__(self, weight: Tensor, bias: Tensor, p: float = 0.3, scale: float = 1e4
+                 ) -> None:
+        super().__init__()
+        self.weight, self.bias, self.p, self.scale = weight, bias, p, scale
+        self.num_classes = 3
+        self.samples = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.samples += len(x)
+        z = self.scale * (x.flatten(1) @ self.weight.T + self.bias)
+        lucky = z.detach().clone()
+        lucky[:, 2] = lucky.amax(dim=1) + 1.0
+        flip = torch.rand(len(x), generator=self.generator_for(x), device=x.device) < self.p
+        return torch.where(flip[:, None], lucky, z)
+
+
+def _lucky_case(n: int = 16, eps: float = 0.1) -> tuple[LuckyFlip, Tensor, Tensor, float]:
+    """Points at a linear margin of 0.6 eps ||w0 - w1||_1 (a random start never crosses it,
+    the l-inf worst case does), alternating labels 0 and 1."""
+    g = _gen(0)
+    w01 = torch.randn(2, 16, generator=g)
+    weight = torch.cat([w01, torch.zeros(1, 16)])
+    bias = torch.cat([-0.5 * w01.sum(dim=1), torch.tensor([-100.0])])
+    d = w01[0] - w01[1]
+    x0 = 0.475 + 0.05 * torch.rand(n, 16, generator=g)
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    shift = (sign * 0.6 * eps * d.abs().sum() - (x0 - 0.5) @ d) / d.abs().sum()
+    x = (x0 + shift[:, None] * d.sign()).view(n, 1, 4, 4)
+    return LuckyFlip(weight, bias), x, (sign < 0).long(), eps
+
+
+def _k_draw_robust(defense: Defense, x_adv: Tensor, y: Tensor, k: int = 10) -> Tensor:
+    """The harness's score: robust where more than half of k fresh draws are correct."""
+    defense.reseed(123)
+    return 2 * correct_counts(defense, x_adv, y, k, 3, 100, "lucky") > k
+
+
+def test_unfiltered_selection_breaks_what_single_pass_filtering_leaves_robust() -> None:
+    defense, x, y, eps = _lucky_case()
+    threat = LinfThreat(eps)
+    assert _k_draw_robust(defense, x, y, k=101).all()  # wrong on 30% of draws, not most
+    defense.reseed(0)
+    defense.samples = 0
+    lib = AutoAttack(n_iter=10, selection="library").run(defense, x, y, threat,
+                                                         generator=_gen())
+    lib_samples = defense.samples
+    lib_robust = _k_draw_robust(defense, lib.x_adv, y)
+    # the library believes it fooled every point (one lucky draw each) ...
+    assert lib.extras["aa_robust_accuracy"] == 0.0
+    # ... but returned clean inputs or APGD-CE's random starts for many: the majority is right
+    assert int(lib_robust.sum()) >= 4
+
+    defense.reseed(0)
+    defense.samples = 0
+    r = AutoAttack(n_iter=10).run(defense, x, y, threat, generator=_gen())
+    samples = defense.samples
+    assert threat.check(x, r.x_adv, r.params) is None
+    assert r.extras["version"] == "rand" and r.extras["selection"] == "unfiltered"
+    assert not _k_draw_robust(defense, r.x_adv, y).any()
+    assert r.extras["select_robust_accuracy"] == 0.0
+    # APGD-CE has zero gradient here: every returned example is an APGD-DLR iterate
+    assert r.extras["selected_from"] == ["apgd-dlr"] * len(y)
+    assert set(r.extras["selected_iterate"]) <= {"highest-loss", "misclassified"}
+    # costs: both sub-attacks on all 16 points, (10 + 1) x 20 EOT gradient calls each (the
+    # library ran both too, APGD-DLR on fewer points); the selection's draws are extra
+    assert r.grad_evals == lib.grad_evals == 2 * 11 * 20
+    assert r.extras["grad_samples"] == 2 * 11 * 20 * len(y) > lib.extras["grad_samples"]
+    assert r.extras["forward_samples"] > lib.extras["forward_samples"]
+    assert r.extras["select_forward_samples"] % 10 == 0
+    assert samples == r.extras["forward_samples"] + r.extras["select_forward_samples"]
+    assert lib_samples == lib.extras["forward_samples"]
 
 
 # -- torchattacks ------------------------------------------------------------------------------
