@@ -17,12 +17,14 @@ The VP schedule is written out here (beta(t) = 0.1 + 19.9 t), independently of
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 import defenses.diffpure as diffpure_module
-from benchmark.zoo.analytic import GaussianDenoiser
+from benchmark.zoo.analytic import ClassConditionalGaussianDenoiser, GaussianDenoiser
 from benchmark.zoo.schedules import VPSDE
 from defenses.diffpure import DiffPure
 from defenses.scoreag import guided_score
@@ -187,3 +189,45 @@ def test_gap_guidance_equals_its_closed_form_on_gaussian_data():
     assert float(term.abs().min()) > 1e-3  # a real term, not zero against zero
     torch.testing.assert_close(guided - plain, term, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(guided, score + term, rtol=1e-9, atol=1e-10)
+
+
+def test_gat_guided_score_equals_its_closed_form_with_the_true_class():
+    """GAT on class-conditional Gaussian data and a linear classifier f(img) = W img + c:
+    score(x | y) - 2 s_x J_y^T (x0_hat_y - x_ref) + s_y J_y^T (W_y~ - W^T p) / 2, with the
+    class y's score and affine map (J_y, x0_hat_y), not the mixture's."""
+    g = torch.Generator().manual_seed(1)
+    classes = 3
+    means = 0.2 * torch.randn(classes, D, generator=g, dtype=F64)
+    roots = 0.1 * torch.randn(classes, D, D, generator=g, dtype=F64)
+    covs = roots @ roots.transpose(1, 2) + 0.01 * torch.eye(D, dtype=F64)
+    den = ClassConditionalGaussianDenoiser(means.reshape(classes, *SHAPE), covs)
+    w = torch.randn(classes, D, generator=g, dtype=F64)
+    c = torch.randn(classes, generator=g, dtype=F64)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(D, classes)).to(F64)
+    with torch.no_grad():
+        head[1].weight.copy_(w)
+        head[1].bias.copy_(c)
+    x_t, x_ref, t = _points(6, 2)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    target = torch.tensor([1, 2, 0, 2, 0, 1])
+
+    def log_prob_target(images: Tensor) -> Tensor:
+        return head(images).log_softmax(1).gather(1, target[:, None]).squeeze(1)
+
+    s_x, s_y = 1.5, 3.0
+    shaped = (-1, *SHAPE)
+    guided = guided_score(den, VPSDE(), x_t.reshape(shaped), t, x_ref=x_ref.reshape(shaped),
+                          s_x=s_x, log_prob_target=log_prob_target, s_y=s_y,
+                          y=y).reshape(-1, D)
+    score, x0, jac = _affine_x0_hat(x_t, t, means[y], covs[y])
+    assert bool((x0.abs() < 1).all()), "x0_hat must stay inside the image box (no clamp)"
+    p = torch.softmax(((x0 + 1) / 2) @ w.T + c, dim=1)
+    dlogp = w[target] - p @ w
+    expected = (score - 2 * s_x * torch.einsum("bji,bj->bi", jac, x0 - x_ref)
+                + s_y * torch.einsum("bji,bj->bi", jac, dlogp) / 2)
+    torch.testing.assert_close(guided, expected, rtol=1e-9, atol=1e-10)
+    # the unconditional (mixture) path is a different score: y is really used
+    mixture = guided_score(den, VPSDE(), x_t.reshape(shaped), t, x_ref=x_ref.reshape(shaped),
+                           s_x=s_x, log_prob_target=log_prob_target, s_y=s_y).reshape(-1, D)
+    assert float((mixture - expected).abs().max()) > 1e-2
+    assert math.isfinite(float(guided.abs().max()))
