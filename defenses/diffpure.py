@@ -173,6 +173,9 @@ class DiffPure(Defense):
             raise TypeError(f"checkpoint must be True or False, got {checkpoint!r}")
         self.denoiser = _load_denoiser(denoiser).eval()
         self.denoiser.requires_grad_(False)
+        #: the zoo name of the classifier head (None for a module), so that an attack can
+        #: tell which zoo model the defense ends in (ScoreAG GAT's judge must be another one)
+        self.classifier_name: str | None = classifier if isinstance(classifier, str) else None
         self.classifier = _load_classifier(classifier).eval()
         self.classifier.requires_grad_(False)
         self.num_classes = probe_classifier(self.classifier, _image_shape(self.denoiser),

@@ -51,23 +51,27 @@ def check_scale(value: object, name: str) -> float:
 
 
 def guided_score(denoiser: Denoiser, sde: VPSDE, x_t: Tensor, t: Tensor, *, x_ref: Tensor,
-                 s_x: float, log_prob_target: Any = None, s_y: float = 0.0) -> Tensor:
+                 s_x: float, log_prob_target: Any = None, s_y: float = 0.0,
+                 y: Tensor | None = None) -> Tensor:
     """ScoreAG's guided score at (x_t, t), in model space [-1, 1].
 
-    score(x_t) + grad_{x_t} [ -s_x ||x0_hat - x_ref||^2 + s_y log p_f(y~ | x0_hat) ], where
+    score(x_t | y) + grad_{x_t} [ -s_x ||x0_hat - x_ref||^2 + s_y log p_f(y~ | x0_hat) ], where
     ``log_prob_target(x0_hat_images)`` returns the per-sample classifier term on images in
-    [0, 1] (GAT, :mod:`attacks.scoreag_gat`); ``None`` leaves it out (GAP). One denoiser
-    evaluation serves both the score and x0_hat. The guidance gradient keeps its graph when
-    an outer gradient is being built (x_t or x_ref requires grad), for exact attack gradients.
+    [0, 1] (GAT, :mod:`attacks.scoreag_gat`); ``None`` leaves it out (GAP). ``y`` (int64, (B,))
+    asks a class-conditional denoiser for the score of class y and the x0_hat of class y
+    (GAT's s_theta(x_t, t, y*), y* the true class); ``None`` is the unconditional score (GAP).
+    One denoiser evaluation serves both the score and x0_hat. The guidance gradient keeps its
+    graph when an outer gradient is being built (x_t or x_ref requires grad), for exact attack
+    gradients.
     """
     outer = torch.is_grad_enabled() and (x_t.requires_grad or x_ref.requires_grad)
     if s_x == 0 and (log_prob_target is None or s_y == 0):
-        return denoiser.score(x_t, t, None, schedule=sde)
+        return denoiser.score(x_t, t, y, schedule=sde)
     with torch.enable_grad():
         xt = x_t if x_t.requires_grad else x_t.detach().requires_grad_(True)
         a, s, _ = denoiser.coefficients(xt, t, schedule=sde)
         a, s = a.view(-1, *[1] * (xt.dim() - 1)), s.view(-1, *[1] * (xt.dim() - 1))
-        eps = denoiser.eps(xt, t, None, schedule=sde)
+        eps = denoiser.eps(xt, t, y, schedule=sde)
         x0 = (xt - s * eps) / a
         objective = -s_x * (x0 - x_ref).flatten(1).square().sum(dim=1)
         if log_prob_target is not None and s_y != 0:

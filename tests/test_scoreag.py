@@ -3,19 +3,24 @@ suite mechanisms they rely on (t* per threat model, attack/defense pairing)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from attacks.fixed_noise import FixedNoise, pinned
 from attacks.pgd_eot import LEE_KIM_STEP_RATIO, PGDEOT
-from attacks.scoreag_gat import ScoreAGGAT, ssim
+from attacks.scoreag_gat import AUTO_JUDGES, ScoreAGGAT, eot_log_prob, ssim
+from benchmark.api.defense import Defense
 from benchmark.plugins.traits import is_diagnostic
 from benchmark.run.runner import adversarial_counts
 from benchmark.spec.suite import SuiteError, load_suite, parse_suite
-from benchmark.zoo.analytic import GaussianDenoiser
-from defenses.diffpure import DiffPure
-from defenses.scoreag import ScoreAGPurification
+from benchmark.zoo.analytic import ClassConditionalGaussianDenoiser, GaussianDenoiser
+from benchmark.zoo.schedules import VPSDE
+from defenses.baseline import Undefended
+from defenses.diffpure import DiffPure, draw_noise, reverse_vp_sde
+from defenses.scoreag import ScoreAGPurification, guided_score
 from threat_models.linf import LinfThreat
 from threat_models.unrestricted import UnrestrictedThreat
 
@@ -167,9 +172,16 @@ class _ConstantJudge(nn.Module):
         return out
 
 
-def _gat(judge: nn.Module, s_y: float = 50.0) -> ScoreAGGAT:
-    gat = ScoreAGGAT(denoiser=_denoiser(), judge=judge, t_star=0.2, dt=0.02, s_x=1.0, s_y=s_y)
-    return gat
+def _cond_denoiser(classes: int = 3) -> ClassConditionalGaussianDenoiser:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(classes, D, D, generator=g) / 4
+    means = 0.3 * torch.randn(classes, 1, 4, 4, generator=g)
+    return ClassConditionalGaussianDenoiser(means, a @ a.transpose(1, 2) + 0.1 * torch.eye(D))
+
+
+def _gat(judge: nn.Module, s_y: float = 50.0, **kw: Any) -> ScoreAGGAT:
+    kw = {"denoiser": _cond_denoiser(), "s_x": 1.0, **kw}
+    return ScoreAGGAT(judge=judge, t_star=0.2, dt=0.02, s_y=s_y, **kw)
 
 
 def test_gat_success_requires_the_judge_to_keep_the_true_class():
@@ -206,6 +218,207 @@ def test_gat_configuration_errors_name_the_value():
     with pytest.raises(ValueError, match=r"target must be one of .* got 'best'"):
         ScoreAGGAT(target="best")
     assert ScoreAGGAT().incompatibility(_head(), LinfThreat(0.1)) is not None
+
+
+# -- GAT: the class-conditional score of the true class (issue 15, hole 5a) --------------------
+def test_guided_score_uses_the_score_of_the_given_class():
+    den = _cond_denoiser()
+    g = torch.Generator().manual_seed(4)
+    x_t, x_ref = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    t = torch.tensor([0.05, 0.1, 0.2])
+    y, other = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    sde = VPSDE()
+    torch.testing.assert_close(guided_score(den, sde, x_t, t, x_ref=x_ref, s_x=0.0, y=y),
+                               den.score(x_t, t, y, schedule=sde))
+    for s_x in (0.0, 2.0):
+        a = guided_score(den, sde, x_t, t, x_ref=x_ref, s_x=s_x, y=y)
+        b = guided_score(den, sde, x_t, t, x_ref=x_ref, s_x=s_x, y=other)
+        c = guided_score(den, sde, x_t, t, x_ref=x_ref, s_x=s_x)  # GAP: unconditional
+        assert float((a - b).abs().min()) > 0 and float((a - c).abs().max()) > 1e-2
+
+
+class _Labels(nn.Module):
+    """A judge that predicts the given labels (always agrees)."""
+
+    def __init__(self, y: Tensor, classes: int = 3) -> None:
+        super().__init__()
+        self.y, self.classes = y, classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.one_hot(self.y, self.classes).float()
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_gat_reverse_process_follows_the_true_class_score(class_conditional):
+    """Without guidance GAT is the reverse SDE of score(x_t | y*) with y* the true label (or of
+    the unconditional score with class_conditional=False), with its own noise."""
+    x = _images(3)
+    y = torch.tensor([2, 0, 1])
+    den = _cond_denoiser()
+    gat = _gat(_Labels(y), s_y=0.0, s_x=0.0, denoiser=den, class_conditional=class_conditional)
+    res = gat.run(_head(), x, y, UnrestrictedThreat(), generator=torch.Generator().manual_seed(0))
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(0)))
+    noise = draw_noise(tuple(x.shape), gat.steps, seed, x.device, x.dtype)
+    runs = {}
+    for labels in (y, None):
+        runs[labels is not None] = reverse_vp_sde(
+            x, noise, score=lambda xt, t, xr, lab=labels: den.score(xt, t, lab, schedule=VPSDE()),
+            sde=VPSDE(), t_star=gat.t_star, dt=gat.dt, context=(2 * x - 1,), checkpoint=False)
+    torch.testing.assert_close(res.x_adv, runs[class_conditional], rtol=0, atol=1e-6)
+    assert not torch.allclose(runs[True], runs[False], atol=1e-3)
+    assert res.extras["class_conditional"] is class_conditional
+
+
+def test_gat_guidance_asks_the_denoiser_for_the_true_labels():
+    seen: list[Any] = []
+
+    class Spy(ClassConditionalGaussianDenoiser):
+        def eps_normalized(self, z: Tensor, log_snr: Tensor, y: Tensor | None) -> Tensor:
+            seen.append(None if y is None else y.clone())
+            return super().eps_normalized(z, log_snr, y)
+
+    base = _cond_denoiser()
+    spy = Spy(base.means.reshape(3, 1, 4, 4), base.covs)
+    x, y = _images(3), torch.tensor([2, 0, 1])
+    gat = _gat(_Labels(y), denoiser=spy)
+    gat.run(_head(), x, y, UnrestrictedThreat(), generator=torch.Generator().manual_seed(0))
+    assert len(seen) == gat.steps
+    assert all(lab is not None and torch.equal(lab, y) for lab in seen)
+
+
+def test_gat_refuses_an_unconditional_denoiser_unless_asked_by_name():
+    with pytest.raises(ValueError, match=r"GaussianDenoiser is not class-conditional.*"
+                                         r"class_conditional=False"):
+        ScoreAGGAT(denoiser=_denoiser())
+    gat = ScoreAGGAT(denoiser=_denoiser(), class_conditional=False)
+    assert gat.config()["class_conditional"] is False
+    with pytest.raises(TypeError, match="class_conditional must be True or False, got 1"):
+        ScoreAGGAT(class_conditional=1)  # type: ignore[arg-type]
+
+
+# -- GAT: the judge is never the defense's head (hole 5b) ---------------------------------------
+def _zoo_diffpure(classifier: str) -> DiffPure:
+    """DiffPure on a zoo classifier (16 x 16 digits) with a cheap analytic denoiser."""
+    return DiffPure(denoiser=GaussianDenoiser(torch.zeros(1, 16, 16), torch.eye(256)),
+                    classifier=classifier, t_star=0.01, dt=0.01)
+
+
+def test_auto_judge_is_the_first_candidate_that_is_not_the_defense_head():
+    gat = ScoreAGGAT()
+    assert gat.judge == "auto" and gat.judges == AUTO_JUDGES == ("digits-cnn-at", "digits-cnn")
+    assert gat.pick_judge(Undefended(model="digits-cnn")) == "digits-cnn-at"
+    assert gat.pick_judge(Undefended(model="digits-cnn-at")) == "digits-cnn"
+    diffpure_at = _zoo_diffpure("digits-cnn-at")
+    assert diffpure_at.classifier_name == "digits-cnn-at"
+    assert gat.pick_judge(diffpure_at) == "digits-cnn"
+    assert gat.pick_judge(_zoo_diffpure("digits-cnn")) == "digits-cnn-at"
+    assert gat.pick_judge(_head()) == "digits-cnn-at"  # a plain module records no head
+    assert ScoreAGGAT(judges=["digits-cnn", "digits-cnn-at"]).pick_judge(
+        Undefended(model="digits-cnn")) == "digits-cnn-at"
+
+
+def test_a_judge_that_is_the_defense_head_is_refused():
+    threat = UnrestrictedThreat()
+    cnn_at = Undefended(model="digits-cnn-at")
+    reason = ScoreAGGAT(judge="digits-cnn-at").incompatibility(cnn_at, threat)
+    assert reason is not None and "judge 'digits-cnn-at' is the attacked defense's own " \
+        "classifier 'digits-cnn-at'" in reason
+    reason = ScoreAGGAT(judge="digits-cnn-at").incompatibility(_zoo_diffpure("digits-cnn-at"),
+                                                               threat)
+    assert reason is not None and "own classifier" in reason
+    assert ScoreAGGAT(judge="digits-cnn").incompatibility(cnn_at, threat) is None
+    assert ScoreAGGAT().incompatibility(cnn_at, threat) is None
+    reason = ScoreAGGAT(judges=["digits-cnn-at"]).incompatibility(cnn_at, threat)
+    assert reason is not None and "no candidate other than" in reason
+    head = _head()
+    own = DiffPure(denoiser=_denoiser(), classifier=head, t_star=0.01)
+    reason = ScoreAGGAT(judge=head).incompatibility(own, threat)
+    assert reason is not None and "judge module is the attacked defense's own" in reason
+    with pytest.raises(ValueError, match="own classifier"):
+        ScoreAGGAT(judge="digits-cnn-at").run(cnn_at, torch.rand(1, 1, 16, 16),
+                                              torch.zeros(1, dtype=torch.long), threat)
+
+
+@pytest.mark.parametrize("bad", [[], "digits-cnn", ["digits-cnn", ""], ["auto"], [3]])
+def test_gat_rejects_bad_judge_lists(bad):
+    with pytest.raises(ValueError, match=r"judges must be a non-empty list of zoo model names"):
+        ScoreAGGAT(judges=bad)
+
+
+def test_gat_with_the_auto_judge_on_the_zoo_records_the_judge():
+    """digits-eps (class-conditional) on undefended digits-cnn-at: judged by digits-cnn."""
+    defense = Undefended(model="digits-cnn-at")
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = defense(x).argmax(1)
+    res = ScoreAGGAT(t_star=0.02, dt=0.01).run(defense, x, y, UnrestrictedThreat(),
+                                               generator=torch.Generator().manual_seed(0))
+    assert res.extras["judge"] == "digits-cnn"
+    assert res.extras["defense_head"] == "digits-cnn-at"
+    assert res.extras["eot_draws"] == 1 and res.grad_evals == 2  # deterministic: one draw
+
+
+# -- GAT: EOT over a stochastic defense's draws (hole 5c) ---------------------------------------
+class _ScriptedNoise(Defense):
+    """A stochastic linear classifier whose batch row r sees the noise ``table[r]``: the draws
+    stacked along the batch are known. Records the batch size of every forward."""
+
+    stochastic = True
+
+    def __init__(self, table: Tensor, classes: int = 3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w = torch.randn(classes, D, generator=g)
+        self.table = table
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.batch_sizes.append(len(x))
+        return (x.flatten(1) + self.table[:len(x)]) @ self.w.T
+
+
+def test_eot_log_prob_averages_stacked_draws_in_one_forward():
+    draws, x, target = 4, _images(2), torch.tensor([1, 2])
+    toy = _ScriptedNoise(torch.randn(8, D, generator=torch.Generator().manual_seed(6)))
+    xr = x.clone().requires_grad_(True)
+    lp = eot_log_prob(toy, target, draws)(xr)
+    assert toy.batch_sizes == [8]  # one batched forward, no loop over draws
+    (grad,) = torch.autograd.grad(lp.sum(), xr)
+    per_draw, grads = [], []
+    for d in range(draws):  # by hand: row b * draws + d is draw d of sample b
+        xd = x.clone().requires_grad_(True)
+        logits = (xd.flatten(1) + toy.table[torch.arange(2) * draws + d]) @ toy.w.T
+        one = logits.log_softmax(1).gather(1, target[:, None]).squeeze(1)
+        per_draw.append(one.detach())
+        grads.append(torch.autograd.grad(one.sum(), xd)[0])
+    torch.testing.assert_close(lp.detach(), torch.stack(per_draw).mean(0))
+    torch.testing.assert_close(grad, torch.stack(grads).mean(0))
+    assert not torch.allclose(grad, grads[0], atol=1e-3)  # one draw's gradient is not the mean
+
+
+def test_gat_averages_the_guidance_over_draws_only_on_a_stochastic_defense():
+    x, y = _images(3), torch.tensor([0, 1, 2])
+    toy = _ScriptedNoise(torch.randn(12, D, generator=torch.Generator().manual_seed(7)))
+    gat = _gat(_Labels(y))
+    assert gat.eot_draws == 4
+    res = gat.run(toy, x, y, UnrestrictedThreat(), generator=torch.Generator().manual_seed(0))
+    assert set(toy.batch_sizes) == {12}  # target choice, every guided step, the fooled check
+    assert len(toy.batch_sizes) == gat.steps + 2
+    assert res.extras["eot_draws"] == 4 and res.grad_evals == 4 * gat.steps
+    assert gat.budget.eot_draws == 4
+    det = gat.run(_head(), x, y, UnrestrictedThreat(), generator=torch.Generator().manual_seed(0))
+    assert det.extras["eot_draws"] == 1 and det.grad_evals == gat.steps
+    assert gat.budget.eot_draws == 1  # the draws of the latest run
+
+
+def test_gat_config_carries_the_new_keywords():
+    cfg = ScoreAGGAT().config()
+    assert (cfg["judge"], cfg["judges"], cfg["eot_draws"], cfg["class_conditional"]) == (
+        "auto", ["digits-cnn-at", "digits-cnn"], 4, True)
+    assert ScoreAGGAT(eot_draws=8).config() != cfg
+    assert ScoreAGGAT(judges=["digits-cnn"]).config() != cfg
+    assert ScoreAGGAT().budget.eot_draws == 4
+    with pytest.raises(ValueError, match=r"eot_draws must be .*got 0"):
+        ScoreAGGAT(eot_draws=0)
 
 
 # -- fixed-noise diagnostic and PGD-EOT --------------------------------------------------------
