@@ -71,9 +71,9 @@ def shrink(params: dict[str, Any], cls: Any) -> dict[str, Any]:
     for key, small in SMALL.items():
         if isinstance(out.get(key), int) and not isinstance(out[key], bool):
             out[key] = min(out[key], small)
-        elif key not in out and key in ("steps", "timesteps") and isinstance(
-                _signature_default(cls, key), int) and _signature_default(cls, key) > small:
-            out[key] = small  # a costly default (DC's T' = 100, DiffPure's steps)
+        elif key not in out and isinstance(_signature_default(cls, key), int) and \
+                _signature_default(cls, key) > small:
+            out[key] = small  # a costly default (DC's T' = 100, AutoAttack's 100 iterations)
     params = _parameters(cls)
     if "rows_per_batch" in params:  # "auto" times a few batch sizes first: not under test here
         out["rows_per_batch"] = 256
@@ -139,13 +139,17 @@ def _pairing_key(job: Any) -> str:
 #: RDC's likelihood maximization under AutoAttack's restarts, the PF-ODE solvers): run by
 #: ``make test-slow``. DC's and every other defense's pairings run in every test run.
 SLOW_DEFENSES = {"rdc", "pfode"}
+#: (suite, defense id) pairs whose code paths another case covers in every test run (the same
+#: defense with another zoo classifier): run by ``make test-slow``
+SLOW_CASES = {("digits", "diffpure-at"), ("digits", "scoreag-gap-at")}
 
 
 def _cases() -> list[Any]:
     cases = []
     for name in shipped_suites():
         for d in load_suite(name).defenses:
-            marks = [pytest.mark.slow] if d.name in SLOW_DEFENSES else []
+            slow = d.name in SLOW_DEFENSES or (name, d.id) in SLOW_CASES
+            marks = [pytest.mark.slow] if slow else []
             cases.append(pytest.param(name, d.id, id=f"{name}:{d.id}", marks=marks))
     return cases
 
