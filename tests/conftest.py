@@ -1,9 +1,9 @@
 """Shared fixtures. ``one_thread``: one torch thread for a test (tiny tensors, shared CI cores);
 modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 
-A test (or a fixture it set up) that leaves torch's thread count changed fails in its teardown:
-a stray ``torch.set_num_threads(1)`` once ran every later module, the end-to-end suite runs
-included, on one of CI's two cores."""
+A module whose tests (or fixtures, module-scoped ones included) leave torch's thread count
+changed fails in its last test's teardown: a stray ``torch.set_num_threads(1)`` once ran every
+later module, the end-to-end suite runs included, on one of CI's two cores."""
 
 from collections.abc import Generator, Iterator
 
@@ -25,6 +25,8 @@ def one_thread() -> Iterator[None]:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None
                             ) -> Generator[None, None, None]:
     yield  # the test's own fixtures are torn down first
+    if nextitem is not None and nextitem.module is item.module:
+        return  # a module-scoped fixture may hold one thread until the module's last test
     threads = torch.get_num_threads()
     if threads != _THREADS:
         torch.set_num_threads(_THREADS)
