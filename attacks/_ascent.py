@@ -33,6 +33,7 @@ from benchmark.api.threat import ThreatModel, bcast
 __all__ = [
     "Curve",
     "KeepBest",
+    "LossCurve",
     "Objective",
     "Update",
     "ascend",
@@ -212,6 +213,29 @@ class Curve:
 
     def stack(self) -> Tensor:
         return torch.stack(self.rows)
+
+
+class LossCurve:
+    """An observer for :func:`ascend` that keeps every evaluation's per-sample objective (over
+    every restart it observes, in order) and reports it as ``evidence["loss_curve"]``:
+    consecutive evaluations averaged into at most ``bins`` bins (a mean, not a subsample, so
+    a stochastic objective's curve is smoothed rather than aliased)."""
+
+    def __init__(self, bins: int = 50) -> None:
+        self.bins = check_positive_int(bins, "bins")
+        self.rows: list[Tensor] = []
+
+    def __call__(self, step: int, value: Tensor, grad: Tensor | None = None) -> None:
+        self.rows.append(value.detach().double().cpu())
+
+    def binned(self) -> Tensor:
+        """(B, R) float32: the binned curve (R = min(bins, evaluations)); empty before any
+        evaluation."""
+        if not self.rows:
+            return torch.zeros(0, 0)
+        curve = torch.stack(self.rows, dim=1)  # (B, evaluations)
+        parts = torch.tensor_split(curve, min(self.bins, curve.shape[1]), dim=1)
+        return torch.stack([p.mean(dim=1) for p in parts], dim=1).float()
 
 
 # --------------------------------------------------------------------------------------------

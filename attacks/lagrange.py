@@ -108,11 +108,14 @@ class Lagrange(Attack):
     def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             generator: torch.Generator | None = None) -> AttackResult:
         x_adv, params, fell = None, None, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        surrogate = torch.zeros_like(fell)  # some run fooled the head it optimized ("head")
         evals = 0
         for run in self._runs:
             res = run.run(defense, x, y, threat, generator=generator)
             evals += res.grad_evals
             if self.through == "head":  # the head's success on x is not the defense's
+                surrogate |= torch.tensor(res.extras["success"], dtype=torch.bool,
+                                          device=x.device)
                 with torch.no_grad():
                     ok = defense(res.x_adv).argmax(1) != y
             else:
@@ -127,5 +130,11 @@ class Lagrange(Attack):
                 params[take] = res.params[take]
             fell |= ok
         assert x_adv is not None
+        # through "head" the runs optimize a surrogate (the head on x, eq. 6): which examples
+        # fooled it is the transfer-failure evidence; through "defense" they are the defense's
+        # own iterates
+        evidence = ({"source_adversarial": surrogate} if self.through == "head"
+                    else {"any_adversarial": fell.clone()})
         return AttackResult(x_adv, params=params, grad_evals=evals,
-                            extras={"success": fell.tolist(), "weights": self.weights})
+                            extras={"success": fell.tolist(), "weights": self.weights},
+                            evidence=evidence)

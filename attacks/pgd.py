@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from attacks._ascent import (
     KeepBest,
+    LossCurve,
     ascend,
     check_bool,
     check_positive_int,
@@ -32,7 +33,7 @@ from attacks._ascent import (
 )
 from attacks.eot import evaluate_draws
 from attacks.losses import get_loss
-from benchmark.api.attack import Attack, AttackResult, Budget, Forward
+from benchmark.api.attack import LOSS_CURVE_BINS, Attack, AttackResult, Budget, Forward
 from benchmark.api.threat import ThreatModel
 from benchmark.plugins import register_attack
 
@@ -54,6 +55,8 @@ class PGD(Attack):
     batched forward+backward passes times draws (``steps * restarts * eot_draws``), and
     ``extras["zero_grad_frac"]`` the fraction of per-sample gradients that were exactly zero
     or non-finite (a gradient-masking symptom; non-finite gradients are replaced by zero).
+    ``evidence`` holds, per sample, whether any evaluated iterate was adversarial and the loss
+    curve over every restart (:data:`benchmark.api.attack.EVIDENCE_KEYS`).
     """
 
     name: ClassVar[str] = "pgd"
@@ -93,9 +96,11 @@ class PGD(Attack):
             return self.objective(defense, forward, threat.apply(x, p), y, loss_fn, draws)
 
         grads = zero_grads = 0
+        curve = LossCurve(LOSS_CURVE_BINS)
 
-        def count_dead(_: int, value: Tensor, grad: Tensor | None) -> None:
+        def count_dead(step: int, value: Tensor, grad: Tensor | None) -> None:
             nonlocal grads, zero_grads
+            curve(step, value)
             if grad is None:
                 return
             flat = grad.reshape(len(grad), -1)
@@ -122,4 +127,6 @@ class PGD(Attack):
             "zero_grad_frac": zero_grads / max(grads, 1),
         }
         return AttackResult(x_adv.detach(), params=best.params,
-                            grad_evals=self.steps * self.restarts * draws, extras=extras)
+                            grad_evals=self.steps * self.restarts * draws, extras=extras,
+                            evidence={"any_adversarial": best.success.clone(),
+                                      "loss_curve": curve.binned()})

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from attacks._ascent import (
     KeepBest,
+    LossCurve,
     ascend,
     check_positive_int,
     check_real,
@@ -28,7 +29,7 @@ from attacks._ascent import (
 from attacks.eot import evaluate_draws
 from attacks.losses import margin
 from attacks.pgd import ForwardHook
-from benchmark.api.attack import Attack, AttackResult, Budget, Forward
+from benchmark.api.attack import LOSS_CURVE_BINS, Attack, AttackResult, Budget, Forward
 from benchmark.api.threat import ThreatModel
 from benchmark.plugins import register_attack
 from threat_models.stadv import flow_smoothness
@@ -80,11 +81,14 @@ class StAdv(Attack):
         opt = torch.optim.Adam([flow], lr=self.lr)
         # Adam minimizes CW + lam L_flow: the gradient of -score (w.r.t. the flow only; never
         # accumulated into the defense's parameters), then a projection onto the bound
+        curve = LossCurve(LOSS_CURVE_BINS)
         ascend(objective, flow, optimizer_update(opt, flow, lambda f: threat.project(x, f)),
-               steps=self.steps, best=best, descent=True)
+               steps=self.steps, best=best, descent=True, observe=curve)
 
         with torch.no_grad():
             x_adv = threat.apply(x, best.params)
         extras: dict[str, Any] = {"success": best.success.tolist(), "smoothness": lam}
         return AttackResult(x_adv.detach(), params=best.params,
-                            grad_evals=self.steps * self.eot_draws, extras=extras)
+                            grad_evals=self.steps * self.eot_draws, extras=extras,
+                            evidence={"any_adversarial": best.success.clone(),
+                                      "loss_curve": curve.binned()})

@@ -16,8 +16,9 @@ rows), and it enters the worst case.
 
 The inner attack sees only the source model; its own ``requires`` are checked against that
 model (a plain zoo classifier: differentiable, deterministic). ``extras["source_success"]`` is
-the fraction of returned examples that fool the source model (the transfer-failure indicator of
-Pintor et al. 2022 compares it with the defense's accuracy on them).
+the fraction of returned examples that fool the source model, and ``evidence["source_adversarial"]``
+says which (the transfer-failure indicator of Pintor et al. 2022 compares it, per sample, with
+the defense's verdict on them).
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ class Transfer(WrappedAttack):
         result = self._inner.run(model, x, y, threat, generator=generator)
         with torch.no_grad():
             fooled = model(result.x_adv.detach()).argmax(dim=1) != y
-        # the defense was queried zero times for gradients: grad_evals are the source's
+        # the defense was queried zero times for gradients: grad_evals are the source's. The
+        # inner attack's own evidence (any adversarial iterate, its loss curve) is about the
+        # source model, not the defense: only the source's verdict is passed on.
         return AttackResult(x_adv=result.x_adv.detach(), params=result.params, grad_evals=0,
                             extras={"source_success": fooled.float().mean().item(),
-                                    "source_grad_evals": int(result.grad_evals)})
+                                    "source_grad_evals": int(result.grad_evals)},
+                            evidence={"source_adversarial": fooled})

@@ -1,11 +1,13 @@
-"""Purpose-built toy defenses that trip the validity flags, named in suites as
-``tests.flag_toys:Class``. Each wraps the shipped digits CNN."""
+"""Purpose-built toy defenses (and two broken attacks) that trip the validity flags, named in
+suites as ``tests.flag_toys:Class``. Each defense wraps the shipped digits CNN."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from attacks.pgd import PGD
+from benchmark.api.attack import Attack, AttackResult
 from tests.plugins import NoisyDefense, _Wrapped
 
 
@@ -107,3 +109,32 @@ class Jittery(_Wrapped):
     def forward(self, x: Tensor) -> Tensor:
         out = self.net(x)
         return out * (1 + 1e-7 * torch.rand_like(out))
+
+
+class Forgetful(Attack):
+    """A broken attack that finds PGD's adversarial iterates (reports them in
+    ``evidence["any_adversarial"]``) and then returns the clean images: a silent success."""
+
+    name = "forgetful"
+
+    def run(self, defense, x, y, threat, *, generator=None):  # type: ignore[no-untyped-def]
+        found = PGD(steps=10).run(defense, x, y, threat, generator=generator)
+        return AttackResult(x_adv=x.clone(), evidence={
+            "any_adversarial": found.evidence["any_adversarial"]})
+
+
+class BadEvidence(Attack):
+    """Reports ``evidence`` of the wrong length (``what = "length"``) or under an unknown name
+    (``what = "name"``): the runner must refuse it with a message naming it."""
+
+    name = "bad-evidence"
+
+    def __init__(self, what: str = "length") -> None:
+        self.what = what
+
+    def run(self, defense, x, y, threat, *, generator=None):  # type: ignore[no-untyped-def]
+        if self.what == "name":
+            evidence = {"made_up": torch.ones(len(x), dtype=torch.bool)}
+        else:
+            evidence = {"any_adversarial": torch.ones(len(x) + 1, dtype=torch.bool)}
+        return AttackResult(x_adv=x.clone(), evidence=evidence)

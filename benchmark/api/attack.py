@@ -64,6 +64,24 @@ class AttackTraits:
         return self.gradient == "none"
 
 
+#: Per-sample evidence an attack may report in :attr:`AttackResult.evidence` (each a tensor whose
+#: first dimension is the batch), read by the validity flags (Pintor et al. 2022's indicators of
+#: attack failure):
+#:
+#: * ``any_adversarial`` (bool): some evaluated iterate was adversarial under the attack's own
+#:   forward (one pass, or the mean of its EOT draws); with a robust verdict on the returned
+#:   example, a *silent success*.
+#: * ``loss_curve`` (float, (B, R)): the attack objective along its iterations, consecutive
+#:   evaluations averaged into R <= :data:`LOSS_CURVE_BINS` bins (restarts concatenated); the
+#:   last bin ends at the final evaluation. Read by *incomplete optimization*.
+#: * ``source_adversarial`` (bool): the returned example fools the surrogate the attack optimized
+#:   (a transfer attack's source model, the Lagrange attack's head); with a robust verdict on the
+#:   defense, a *transfer failure*.
+EVIDENCE_KEYS = ("any_adversarial", "loss_curve", "source_adversarial")
+#: most bins of a reported loss curve.
+LOSS_CURVE_BINS = 50
+
+
 @dataclass
 class AttackResult:
     x_adv: Tensor
@@ -72,6 +90,8 @@ class AttackResult:
     #: gradient computations spent (forward+backward passes of the defense, EOT draws counted).
     grad_evals: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    #: per-sample evidence, names from :data:`EVIDENCE_KEYS` (the runner stores it per sample).
+    evidence: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Attack(ABC):

@@ -37,6 +37,10 @@ class FlagEvidence:
     probes: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     #: chance accuracy (1 / number of classes); None disables the sanity flag.
     chance: float | None = None
+    #: attack row -> evidence name -> sample id -> the attack's per-sample evidence
+    #: (:data:`benchmark.api.attack.EVIDENCE_KEYS`: any adversarial iterate, binned loss curve,
+    #: the surrogate's verdict), merged over the row's jobs.
+    per_sample: dict[RowKey, dict[str, dict[int, Any]]] = field(default_factory=dict)
 
 
 def row_key(r: Any) -> RowKey:
@@ -128,11 +132,27 @@ def collect_evidence(store: Store, plan: Plan | None = None) -> FlagEvidence:
             continue
         key = (job["defense"], job["attack"], job["threat"], float(job["eps"]))
         ev.extras.setdefault(key, []).append(job["extras"])
+        _merge_per_sample(ev.per_sample.setdefault(key, {}), job["extras"].get("evidence"))
     _, robust, k_of = sample_counts(store, jobs)
     ev.robust = {key: majority(c, k_of[key]) for key, c in robust.items()}
     if plan is not None:
         ev.sanity_eps, ev.chance = sanity_for(plan)
     return ev
+
+
+def _merge_per_sample(into: dict[str, dict[int, Any]], batches: Any) -> None:
+    """Fold a job's stored ``extras["evidence"]`` (one dict of lists per batch, aligned with
+    its ``sample_ids``) into ``into``; malformed entries (a hand-edited store) are skipped."""
+    if not isinstance(batches, list):
+        return
+    for batch in batches:
+        if not isinstance(batch, dict) or not isinstance(batch.get("sample_ids"), list):
+            continue
+        ids = batch["sample_ids"]
+        for name, values in batch.items():
+            if name == "sample_ids" or not isinstance(values, list) or len(values) != len(ids):
+                continue
+            into.setdefault(name, {}).update(zip((int(i) for i in ids), values, strict=True))
 
 
 def sanity_for(plan: Plan) -> tuple[dict[str, float], float | None]:

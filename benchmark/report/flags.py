@@ -62,8 +62,27 @@ FLAG_HELP = {
                              "attacks planned), and its own declaration is wrong",
     "mixed_code_versions": "the row's jobs were computed by different code versions (a resumed "
                            "run); genbench run --rerun-stale recomputes the older ones",
+    "silent_success": "on a deterministic defense, the attack evaluated an adversarial iterate "
+                      "for some sample but returned an example the defense classifies "
+                      "correctly: it threw away a success (Pintor et al. 2022)",
+    "incomplete_optimization": "for at least 10% of the samples this row counts robust, the "
+                               "attack's best loss (its curve rescaled to [0, 1]) still rose "
+                               "by more than 0.05 over the last tenth of the iterations: more "
+                               "iterations would likely break more (Pintor et al. 2022)",
+    "transfer_failure": "examples that fooled the surrogate the attack optimized (a transfer "
+                        "attack's source model, the Lagrange attack's head) do not fool the "
+                        "defense: this row measures the surrogate's transferability, not the "
+                        "defense's robustness (Pintor et al. 2022; describes this row only, "
+                        "not rolled up to the worst case)",
 }
 
+#: Pintor et al.'s incomplete-optimization rule: a sample's loss curve, rescaled to [0, 1] and
+#: made monotone by its running best, still rises by more than this over its last tenth.
+INCOMPLETE_DELTA = 0.05
+#: share of a row's robust samples with an incomplete optimization that flags the row.
+INCOMPLETE_FRAC = 0.1
+#: flags that describe one attack row only and are not rolled up to the worst case.
+ROW_ONLY = frozenset({"attack_error", "transfer_failure"})
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
 BAD_GRAD_FRAC = 0.5
 #: mean pairwise cosine of repeated gradients under which a defense's gradients are "random".
@@ -256,6 +275,50 @@ def _unconstrained(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
                       for i, r in frame.iterrows()}, dtype=bool)
 
 
+def still_rising(curve: list[Any], delta: float = INCOMPLETE_DELTA) -> bool:
+    """Pintor et al.'s incomplete-optimization indicator for one sample's loss curve (a
+    maximized objective; non-finite points, stored as None, dropped): rescaled to [0, 1] by its
+    range and replaced by its running maximum, the curve rises by more than ``delta`` over its
+    last tenth (the last ceil(R / 10) points and the one before them). A flat curve, or one of
+    fewer than 3 points, is not incomplete."""
+    vals = [float(v) for v in curve if isinstance(v, int | float) and math.isfinite(v)]
+    if len(vals) < 3:
+        return False
+    lo, hi = min(vals), max(vals)
+    if not hi > lo:
+        return False
+    best, running = [], -math.inf
+    for v in vals:
+        running = max(running, (v - lo) / (hi - lo))
+        best.append(running)
+    tail = math.ceil(len(best) / 10)
+    return best[-1] - best[-(tail + 1)] > delta
+
+
+def _path_indicators(frame: pd.DataFrame, ev: FlagEvidence) -> dict[str, pd.Series]:
+    """Silent success, incomplete optimization and transfer failure, from the attacks'
+    per-sample evidence and the rows' per-sample majority verdicts."""
+    out = {name: pd.Series(False, index=frame.index)
+           for name in ("silent_success", "incomplete_optimization", "transfer_failure")}
+    for idx, r in _ok(frame).iterrows():
+        if r["attack"] == WORST:
+            continue
+        key = row_key(r)
+        per, robust = ev.per_sample.get(key, {}), ev.robust.get(key, {})
+        held = [s for s, ok in robust.items() if ok]
+        if not held:
+            continue
+        if not bool(r["stochastic"]):  # one draw decides a deterministic defense
+            found = per.get("any_adversarial", {})
+            out["silent_success"][idx] = any(found.get(s) is True for s in held)
+        curves = per.get("loss_curve", {})
+        rising = [s for s in held if isinstance(curves.get(s), list) and still_rising(curves[s])]
+        out["incomplete_optimization"][idx] = len(rising) >= max(1.0, INCOMPLETE_FRAC * len(held))
+        fooled = per.get("source_adversarial", {})
+        out["transfer_failure"][idx] = any(fooled.get(s) is True for s in held)
+    return out
+
+
 def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> pd.Series:
     """A ``;``-joined string of flag names per row ('' when none fired). Without
     ``evidence`` only the flags that the rows alone support are computed."""
@@ -278,6 +341,7 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
         checks["bad_gradients"], checks["grad_randomness_no_eot"] = _gradients(frame, evidence)
         checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
         checks["unconstrained_attack_failure"] = _unconstrained(frame, evidence)
+        checks.update(_path_indicators(frame, evidence))
         checks["undeclared_randomness"] = frame["defense"].map(
             lambda d: bool(evidence.diagnostics.get(str(d), {}).get("undeclared_randomness")))
     for name, hits in checks.items():
@@ -292,7 +356,9 @@ def _roll_up(frame: pd.DataFrame, names: dict[Any, list[str]]) -> None:
     """Every flag of an attack row also on the ``worst_case`` row of its (defense, threat
     model, epsilon): the ranked tables show only that row, and a worst case over a masked
     attack is as doubtful as the attack. In place, each flag once, the row's own first
-    (``attack_error`` excepted: the worst case carries ``worst_case_incomplete``)."""
+    (:data:`ROW_ONLY` excepted: the worst case carries ``worst_case_incomplete`` for an
+    ``attack_error``, and a transfer failure says that one row's surrogate did not transfer,
+    which the white-box rows beside it do not depend on)."""
     cell = ["defense", "defense_params", "threat_model", "eps"]
     keys = [c for c in cell if c in frame.columns]
     for _, part in frame.groupby(keys, dropna=False, sort=False):
@@ -300,7 +366,7 @@ def _roll_up(frame: pd.DataFrame, names: dict[Any, list[str]]) -> None:
         if not worst:
             continue
         below = [n for i in part.index if i not in worst for n in names[i]
-                 if n != "attack_error"]  # the worst case says worst_case_incomplete
+                 if n not in ROW_ONLY]
         for i in worst:
             names[i] = list(dict.fromkeys(names[i] + below))
 

@@ -23,12 +23,13 @@ objective curve, instead of K-draw correct-counts.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmark.api.attack import EVIDENCE_KEYS
 from benchmark.api.defense import describe
 from benchmark.plugins.builtin import ATTACKS, DEFENSES, THREAT_MODELS
 from benchmark.plugins.cache import DefenseCache, PluginOutputError
@@ -184,6 +186,36 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict | list | tuple | str | int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def evidence_lists(evidence: dict[str, Any], sample_ids: Sequence[int],
+                   who: str) -> dict[str, list[Any]]:
+    """An attack's per-sample evidence (:data:`benchmark.api.attack.EVIDENCE_KEYS`) as JSON
+    lists aligned with ``sample_ids`` (stored under the job's ``extras["evidence"]``, one entry
+    per batch); non-finite curve values become None. A malformed entry is an error naming it."""
+    out: dict[str, list[Any]] = {"sample_ids": [int(s) for s in sample_ids]}
+    for name, value in evidence.items():
+        if name not in EVIDENCE_KEYS:
+            raise PluginOutputError(f"{who} returned evidence {name!r}; known evidence: "
+                                    f"{', '.join(EVIDENCE_KEYS)}")
+        if not isinstance(value, Tensor) or value.dim() < 1 or len(value) != len(sample_ids):
+            raise PluginOutputError(
+                f"{who} returned evidence[{name!r}] of shape "
+                f"{tuple(getattr(value, 'shape', ()))}, expected one entry per sample "
+                f"({len(sample_ids)})")
+        if name == "loss_curve":
+            curve = value.detach().double().cpu()
+            if curve.dim() != 2:
+                raise PluginOutputError(f"{who} returned evidence['loss_curve'] of shape "
+                                        f"{tuple(curve.shape)}, expected (batch, bins)")
+            out[name] = [[v if math.isfinite(v) else None for v in row] for row in
+                         curve.tolist()]
+        else:
+            if value.dim() != 1:
+                raise PluginOutputError(f"{who} returned evidence[{name!r}] of shape "
+                                        f"{tuple(value.shape)}, expected ({len(sample_ids)},)")
+            out[name] = [bool(v) for v in value.detach().cpu().tolist()]
+    return out
 
 
 def check_logp(out: Any, batch: int, who: str) -> Tensor:
@@ -453,6 +485,9 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
                 outcomes.append(SampleOutcome(int(sid), 0 if reason else int(c), d, reason))
             for key, value in result.extras.items():
                 extras.setdefault(key, []).append(_jsonable(value))
+            if result.evidence:
+                extras.setdefault("evidence", []).append(
+                    evidence_lists(result.evidence, ids, f"attack {job.attack.id!r}"))
             advs.append(x_adv.float().cpu().numpy())
         x_adv_np = np.concatenate(advs) if advs else None
         # read after running: some attacks resolve their budget per defense (AutoAttack

@@ -1,0 +1,218 @@
+"""Pintor et al. (2022)'s indicators of attack failure read from per-sample attack-path
+evidence: silent success, incomplete optimization and transfer failure. Oracles for the
+per-sample rule and the curve binning, the evidence PGD reports on a linear model, each flag
+fired end to end by a run that must trip it (and not by one that must not), and the runner's
+refusal of malformed evidence."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attacks._ascent import LossCurve
+from attacks.pgd import PGD
+from benchmark.report.evidence import collect_evidence
+from benchmark.report.flags import compute_flags, still_rising
+from benchmark.report.leaderboard import build_leaderboard
+from benchmark.run.harness import run_suite
+from benchmark.spec.suite import parse_suite
+from benchmark.store import Store
+from tests.toys import Linear, single_thread
+from threat_models.linf import LinfThreat
+
+# -- the per-sample rule -------------------------------------------------------------------------
+
+def test_still_rising_follows_pintor_et_al():
+    steps = list(range(11))
+    assert still_rising([float(s) for s in steps])  # linear: +0.2 over the last tenth
+    assert not still_rising([min(s, 5.0) for s in steps])  # flat since half-way
+    # the running best, not the last value: a late dip does not make a curve incomplete
+    assert not still_rising([0, 5, 9, 10, 10, 10, 10, 10, 10, 10, 3.0])
+    # the threshold: the last tenth (2 of 11 points, from the one before them) rises by 0.04
+    # and by 0.06 of the curve's range
+    assert not still_rising([0, .96, .96, .96, .96, .96, .96, .96, .96, .98, 1.0])
+    assert still_rising([0, .94, .94, .94, .94, .94, .94, .94, .94, .97, 1.0])
+    assert not still_rising([3.0] * 11)  # constant: nothing to optimize
+    assert not still_rising([0.0, 1.0])  # too short to say
+    assert still_rising([None, 0.0, float("nan"), 1.0, 2.0, 3.0])  # non-finite points dropped
+    assert not still_rising([-1.0, -0.5, 0.0, 0.0, 0.0])  # scale-free: any sign and range
+
+
+def test_loss_curve_bins_are_means_of_consecutive_evaluations():
+    curve = LossCurve(bins=3)
+    for step in range(7):
+        curve(step, torch.tensor([float(step), 10.0 * step]))
+    got = curve.binned()
+    # 7 evaluations split 3 / 2 / 2
+    assert torch.allclose(got, torch.tensor([[1.0, 3.5, 5.5], [10.0, 35.0, 55.0]]))
+    assert LossCurve(bins=50).binned().shape == (0, 0)
+    with pytest.raises(ValueError, match="bins"):
+        LossCurve(bins=0)
+
+
+def test_pgd_reports_its_path_on_a_linear_model():
+    torch.manual_seed(0)
+    model = Linear(torch.randn(3, 8))
+    x = torch.rand(6, 1, 2, 4)
+    y = model(x).argmax(1)
+    threat = LinfThreat(0.3)
+    result = PGD(steps=10, random_start=False).run(model, x, y, threat)
+    curve, found = result.evidence["loss_curve"], result.evidence["any_adversarial"]
+    assert curve.shape == (6, 11) and found.shape == (6,) and found.dtype == torch.bool
+    # the first evaluation is the clean input (no random start): its cross-entropy
+    assert torch.allclose(curve[:, 0], F.cross_entropy(model(x), y, reduction="none"),
+                          atol=1e-6)
+    # deterministic model: a success was kept, so "found" is exactly "the result fools it"
+    assert torch.equal(found, model(result.x_adv).argmax(1) != y)
+    # where nothing succeeded PGD returns its highest-loss iterate: the curve's maximum (one
+    # evaluation per bin here)
+    assert (~found).any()
+    ce = F.cross_entropy(model(result.x_adv), y, reduction="none")
+    assert torch.allclose(ce[~found], curve[~found].max(dim=1).values, atol=1e-5)
+
+
+# -- end to end: each flag fired by a run that must trip it -------------------------------------
+
+SUITE = """
+[suite]
+name = "indicators"
+dataset = "digits"
+subset = "test100-v1"
+seed = 0
+k_draws = 3
+batch_size = 8
+shard_size = 8
+unconstrained_probe = 0
+
+[[defenses]]
+id = "cnn-at"
+name = "undefended"
+params = { model = "digits-cnn-at" }
+
+[[defenses]]
+id = "detached"
+name = "tests.flag_toys:Detached"
+params = { model = "digits-cnn-at" }
+
+[[attacks]]
+id = "pgd"
+name = "pgd"
+params = { steps = 20 }
+
+# 1e-4 per step: nowhere near the boundary after 10 steps, the loss still climbing linearly
+[[attacks]]
+id = "pgd-crawl"
+name = "pgd"
+params = { steps = 10, step_size = 0.0001, random_start = false }
+
+[[attacks]]
+id = "forgetful"
+name = "tests.flag_toys:Forgetful"
+defenses = ["cnn-at"]
+
+[[attacks]]
+id = "transfer"
+name = "transfer"
+params = { source = "digits-cnn", attack = "pgd", steps = 10 }
+defenses = ["cnn-at"]
+
+[[threat_models]]
+name = "linf"
+eps = [0.1, 0.3]
+"""
+
+
+@pytest.fixture(scope="module")
+def indicated(tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("indicators")
+    suite = parse_suite(SUITE, source="indicators.toml")
+    with single_thread():
+        summary = run_suite(suite, out, limit=8, progress="none", log=lambda _: None)
+    with Store(out / "runs.sqlite") as store:
+        frame = build_leaderboard(store, summary.plan)
+        evidence = collect_evidence(store, summary.plan)
+    frame["flags"] = compute_flags(frame, evidence)
+    frame.attrs["evidence"] = evidence
+    return frame
+
+
+def _flags(frame: pd.DataFrame, defense: str, attack: str, eps: float = 0.1) -> set[str]:
+    rows = frame[(frame.defense == defense) & (frame.attack == attack) & (frame.eps == eps)]
+    assert len(rows) == 1, (defense, attack)
+    return {f for f in str(rows["flags"].iloc[0]).split(";") if f}
+
+
+def test_evidence_is_stored_per_sample(indicated):
+    per = indicated.attrs["evidence"].per_sample[("cnn-at", "pgd", "linf", 0.3)]
+    assert set(per) == {"any_adversarial", "loss_curve"}
+    assert sorted(per["loss_curve"]) == sorted(per["any_adversarial"]) and len(per[
+        "loss_curve"]) == 8
+    assert all(len(c) == 21 for c in per["loss_curve"].values())  # 20 steps + the final one
+    # deterministic defense, PGD keeps its successes: a sample it found is not robust, a robust
+    # one was never found (both kinds occur over the two epsilons)
+    kinds = set()
+    for eps in (0.1, 0.3):
+        ev = indicated.attrs["evidence"]
+        found = ev.per_sample[("cnn-at", "pgd", "linf", eps)]["any_adversarial"]
+        robust = ev.robust[("cnn-at", "pgd", "linf", eps)]
+        assert sorted(found) == sorted(robust)
+        assert not any(found[s] and robust[s] for s in found)
+        kinds |= {(found[s], robust[s]) for s in found}
+    assert {(True, 0), (False, 1)} <= kinds
+
+
+def test_silent_success_fires_on_an_attack_that_returns_the_clean_image(indicated):
+    assert "silent_success" in _flags(indicated, "cnn-at", "forgetful", 0.3)
+    assert "silent_success" in _flags(indicated, "cnn-at", "worst_case", 0.3)  # rolled up
+    assert "silent_success" not in _flags(indicated, "cnn-at", "pgd", 0.3)
+
+
+def test_incomplete_optimization_fires_on_a_crawling_attack_only(indicated):
+    assert "incomplete_optimization" in _flags(indicated, "cnn-at", "pgd-crawl")
+    assert "incomplete_optimization" in _flags(indicated, "cnn-at", "worst_case")
+    # zero gradients: PGD never moves, the curve is flat, nothing is left to optimize (the
+    # masking is bad_gradients' to report)
+    assert "incomplete_optimization" not in _flags(indicated, "detached", "pgd-crawl")
+    assert "bad_gradients" in _flags(indicated, "detached", "pgd-crawl")
+
+
+def test_transfer_failure_is_the_transfer_rows_own(indicated):
+    """The undefended CNN's examples fool it and mostly not the adversarially trained one:
+    the transfer row measures the surrogate; the worst case does not inherit it."""
+    ev = indicated.attrs["evidence"]
+    fooled = ev.per_sample[("cnn-at", "transfer", "linf", 0.1)]["source_adversarial"]
+    assert sum(fooled.values()) >= 6  # PGD at 0.1 breaks the undefended CNN
+    assert "transfer_failure" in _flags(indicated, "cnn-at", "transfer")
+    assert "transfer_failure" not in _flags(indicated, "cnn-at", "worst_case")
+    assert "transfer_failure" not in _flags(indicated, "cnn-at", "pgd")
+
+
+@pytest.mark.parametrize("what, message", [("length", "one entry per sample"),
+                                           ("name", "made_up")])
+def test_malformed_evidence_is_an_error_row(tmp_path, what, message):
+    suite = parse_suite(f"""
+[suite]
+name = "bad-evidence"
+dataset = "digits"
+subset = "test100-v1"
+seed = 0
+unconstrained_probe = 0
+
+[[defenses]]
+name = "undefended"
+
+[[attacks]]
+name = "tests.flag_toys:BadEvidence"
+params = {{ what = "{what}" }}
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+""", source="bad.toml")
+    with single_thread():
+        run_suite(suite, tmp_path, limit=4, progress="none", log=lambda _: None)
+    with Store(tmp_path / "runs.sqlite") as store:
+        errors = [j["error"] for j in store.jobs() if j["status"] == "error"]
+    assert len(errors) == 1 and message in errors[0] and "evidence" in errors[0]
