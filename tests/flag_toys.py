@@ -138,3 +138,14 @@ class BadEvidence(Attack):
         else:
             evidence = {"any_adversarial": torch.ones(len(x) + 1, dtype=torch.bool)}
         return AttackResult(x_adv=x.clone(), evidence=evidence)
+
+
+class Rough(_Wrapped):
+    """Deterministic, with a rough surface: the CNN's logits plus a term that oscillates with
+    period about 1/200 of a gray level in every pixel, so 8/255 noise changes the margin by far
+    more than the CNN's own (unstable predictions)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        wobble = torch.sin(2000.0 * x).flatten(1).mean(dim=1, keepdim=True)
+        logits = self.net(x)
+        return logits + 200.0 * wobble * torch.linspace(-1, 1, logits.shape[1], device=x.device)

@@ -96,6 +96,10 @@ id = "detached"
 name = "tests.flag_toys:Detached"
 params = { model = "digits-cnn-at" }
 
+[[defenses]]
+id = "rough"
+name = "tests.flag_toys:Rough"
+
 [[attacks]]
 id = "pgd"
 name = "pgd"
@@ -106,6 +110,7 @@ params = { steps = 20 }
 id = "pgd-crawl"
 name = "pgd"
 params = { steps = 10, step_size = 0.0001, random_start = false }
+defenses = ["cnn-at", "detached"]
 
 [[attacks]]
 id = "forgetful"
@@ -216,3 +221,36 @@ eps = [0.1]
     with Store(tmp_path / "runs.sqlite") as store:
         errors = [j["error"] for j in store.jobs() if j["status"] == "error"]
     assert len(errors) == 1 and message in errors[0] and "evidence" in errors[0]
+
+
+def test_prediction_instability_oracles():
+    from benchmark.run.diagnostics import prediction_instability
+
+    x = torch.rand(5, 1, 2, 4)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    const = Linear(torch.zeros(3, 8), torch.tensor([1.0, 2.0, 3.0]))
+    assert prediction_instability(const, x, y) == 0.0
+    # a linear model: the same noise drawn by hand, the margin's relative change averaged
+    torch.manual_seed(0)
+    model = Linear(torch.randn(3, 8))
+    g = torch.Generator().manual_seed(7)
+    noise = (torch.rand((4, *x.shape), generator=g) - 0.5) * 0.1
+    def margin(z):
+        logits = model(z).double()
+        true = logits[torch.arange(len(z)), y]
+        other = logits.clone()
+        other[torch.arange(len(z)), y] = float("-inf")
+        return true - other.amax(dim=1)
+    m0 = margin(x)
+    want = torch.stack([((margin((x + u).clamp(0, 1)) - m0).abs() / m0.abs()).clamp(max=1)
+                        for u in noise]).mean()
+    got = prediction_instability(model, x, y, radius=0.1, draws=4, seed=7)
+    assert got == pytest.approx(float(want), rel=1e-9)
+
+
+def test_unstable_predictions_flag_the_rough_defense_only(indicated):
+    diag = indicated.attrs["evidence"].diagnostics
+    assert diag["rough"]["instability"] > 0.1 > diag["cnn-at"]["instability"]
+    assert "unstable_predictions" in _flags(indicated, "rough", "pgd")
+    assert "unstable_predictions" in _flags(indicated, "rough", "worst_case")
+    assert "unstable_predictions" not in _flags(indicated, "cnn-at", "worst_case")

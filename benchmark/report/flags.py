@@ -62,6 +62,10 @@ FLAG_HELP = {
                              "attacks planned), and its own declaration is wrong",
     "mixed_code_versions": "the row's jobs were computed by different code versions (a resumed "
                            "run); genbench run --rerun-stale recomputes the older ones",
+    "unstable_predictions": "the deterministic defense's margin changes by more than 10% "
+                            "(mean relative change) under uniform noise of width 8/255 on "
+                            "clean samples: its loss surface is too rough for gradient "
+                            "attacks to follow (Pintor et al. 2022)",
     "silent_success": "on a deterministic defense, the attack evaluated an adversarial iterate "
                       "for some sample but returned an example the defense classifies "
                       "correctly: it threw away a success (Pintor et al. 2022)",
@@ -81,6 +85,9 @@ FLAG_HELP = {
 INCOMPLETE_DELTA = 0.05
 #: share of a row's robust samples with an incomplete optimization that flags the row.
 INCOMPLETE_FRAC = 0.1
+#: mean relative margin change under 8/255 noise (benchmark.run.diagnostics) that flags a
+#: deterministic defense's white-box rows (the digits CNNs: 0.011; rounding to 4 levels: 0.05).
+UNSTABLE_PRED = 0.1
 #: flags that describe one attack row only and are not rolled up to the worst case.
 ROW_ONLY = frozenset({"attack_error", "transfer_failure"})
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
@@ -215,13 +222,18 @@ def _blackbox(frame: pd.DataFrame, ev: FlagEvidence | None) -> pd.Series:
     return flagged
 
 
-def _gradients(frame: pd.DataFrame, ev: FlagEvidence) -> tuple[pd.Series, pd.Series]:
+def _gradients(frame: pd.DataFrame, ev: FlagEvidence
+               ) -> tuple[pd.Series, pd.Series, pd.Series]:
     bad = pd.Series(False, index=frame.index)
     random = pd.Series(False, index=frame.index)
+    unstable = pd.Series(False, index=frame.index)
     for idx, r in frame.iterrows():
         if is_blackbox(r):
             continue
         diag = ev.diagnostics.get(str(r["defense"]))
+        instability = (diag or {}).get("instability")
+        if isinstance(instability, int | float) and instability > UNSTABLE_PRED:
+            unstable[idx] = True
         fracs = [f for extras in ev.extras.get(row_key(r), [])
                  for f in _flatten(extras.get("zero_grad_frac"))]
         if fracs and sum(fracs) / len(fracs) > BAD_GRAD_FRAC:
@@ -239,7 +251,7 @@ def _gradients(frame: pd.DataFrame, ev: FlagEvidence) -> tuple[pd.Series, pd.Ser
             if (isinstance(cosine, int | float) and not math.isnan(cosine)
                     and cosine < RANDOM_COSINE and no_eot):
                 random[idx] = True
-    return bad, random
+    return bad, random, unstable
 
 
 def _pins_randomness(row: Any) -> bool:
@@ -338,7 +350,8 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
               "bpda_exact_disagree": _bpda_disagree(frame),
               "blackbox_beats_whitebox": _blackbox(frame, evidence)}
     if evidence is not None:
-        checks["bad_gradients"], checks["grad_randomness_no_eot"] = _gradients(frame, evidence)
+        (checks["bad_gradients"], checks["grad_randomness_no_eot"],
+         checks["unstable_predictions"]) = _gradients(frame, evidence)
         checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
         checks["unconstrained_attack_failure"] = _unconstrained(frame, evidence)
         checks.update(_path_indicators(frame, evidence))

@@ -23,6 +23,10 @@ DIAG_SAMPLES = 8
 DIAG_REPEATS = 4
 #: an input-gradient l2 norm above this (inputs in [0, 1]) is "exploding".
 EXPLODING_NORM = 1e4
+#: the unstable-predictions probe: uniform noise of this width (Pintor et al.'s 8/255) and
+#: this many draws per sample.
+INSTABILITY_RADIUS = 8 / 255
+INSTABILITY_DRAWS = 8
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,45 @@ def gradient_diagnostics(defense: nn.Module, x: Tensor, y: Tensor, *,
         exploding_frac=float(exploding.sum()) / total, cosine=cosine)
 
 
-def safe_diagnostics(defense: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """:func:`gradient_diagnostics` on the first samples as a JSON dict; a defense that raises
-    under autograd is reported, never fatal (its clean scores stand)."""
+def prediction_instability(defense: nn.Module, x: Tensor, y: Tensor, *,
+                           radius: float = INSTABILITY_RADIUS, draws: int = INSTABILITY_DRAWS,
+                           seed: int = 0) -> float:
+    """Pintor et al. (2022)'s unstable-predictions indicator on clean ``x``: the mean, over
+    samples and ``draws`` uniform perturbations of width ``radius`` (each pixel moved by up to
+    ``radius / 2``, the image kept in [0, 1]), of the relative change of the margin (true logit
+    minus the largest other), |m(x + u) - m(x)| / |m(x)| (divided by 1 where m(x) = 0),
+    capped at 1. Pintor et al. use the loss; the margin is used here because a confident
+    model's cross-entropy is near 0, where any relative change is large. Non-finite outputs
+    count as 1. One batched forward of ``draws + 1`` copies; meant for deterministic defenses
+    (a stochastic one changes its margin with every draw)."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    x = x.detach()
+    noise = (torch.rand((draws, *x.shape), generator=g, device=x.device) - 0.5) * radius
+    batch = torch.cat([x[None], (x[None] + noise).clamp(0, 1)]).reshape(-1, *x.shape[1:])
+    with torch.no_grad():
+        logits = defense(batch).double().reshape(draws + 1, len(x), -1)
+    true = logits.gather(2, y.view(1, -1, 1).expand(draws + 1, -1, 1)).squeeze(2)
+    other = logits.scatter(2, y.view(1, -1, 1).expand(draws + 1, -1, 1),
+                           float("-inf")).amax(dim=2)
+    margin = true - other
+    ref = margin[0].abs()
+    ref = torch.where(ref > 0, ref, torch.ones_like(ref))
+    change = ((margin[1:] - margin[0]).abs() / ref).clamp(max=1.0)
+    change = torch.where(torch.isfinite(change), change, torch.ones_like(change))
+    return float(change.mean())
+
+
+def safe_diagnostics(defense: nn.Module, x: Tensor, y: Tensor, *,
+                     stochastic: bool = False) -> dict[str, Any]:
+    """:func:`gradient_diagnostics` on the first samples as a JSON dict, with
+    :func:`prediction_instability` (``instability``) where the defense is deterministic; a
+    defense that raises under autograd is reported, never fatal (its clean scores stand)."""
+    xs, ys = x[:DIAG_SAMPLES], y[:DIAG_SAMPLES]
     try:
-        return gradient_diagnostics(defense, x[:DIAG_SAMPLES], y[:DIAG_SAMPLES]).to_json()
+        out = gradient_diagnostics(defense, xs, ys).to_json()
+        if not stochastic:
+            out["instability"] = prediction_instability(defense, xs, ys)
+        return out
     except Exception as exc:  # diagnostics must never fail the clean job
         return {"error": f"{type(exc).__name__}: {exc}"}

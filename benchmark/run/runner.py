@@ -445,7 +445,7 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
         outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
                                                                 counts.tolist(), strict=True)]
         if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
-            diag = safe_diagnostics(defense, x, y)
+            diag = safe_diagnostics(defense, x, y, stochastic=stochastic)
             # declared deterministic, found random when built: scored with K draws (above)
             diag["undeclared_randomness"] = bool(getattr(defense, "undeclared_randomness",
                                                          False))
