@@ -92,8 +92,8 @@ name = "undefended"
 params = { model = "digits-cnn-at" }
 
 [[defenses]]
-id = "detached"
-name = "tests.flag_toys:Detached"
+id = "reattached"
+name = "tests.masking_traps:Reattached"
 params = { model = "digits-cnn-at" }
 
 [[defenses]]
@@ -110,7 +110,7 @@ params = { steps = 20 }
 id = "pgd-crawl"
 name = "pgd"
 params = { steps = 10, step_size = 0.0001, random_start = false }
-defenses = ["cnn-at", "detached"]
+defenses = ["cnn-at", "reattached"]
 
 [[attacks]]
 id = "forgetful"
@@ -179,8 +179,10 @@ def test_incomplete_optimization_fires_on_a_crawling_attack_only(indicated):
     assert "incomplete_optimization" in _flags(indicated, "cnn-at", "worst_case")
     # zero gradients: PGD never moves, the curve is flat, nothing is left to optimize (the
     # masking is bad_gradients' to report)
-    assert "incomplete_optimization" not in _flags(indicated, "detached", "pgd-crawl")
-    assert "bad_gradients" in _flags(indicated, "detached", "pgd-crawl")
+    row = indicated[(indicated.defense == "reattached") & (indicated.attack == "pgd-crawl")]
+    assert row["robust_acc"].notna().all() and (row["robust_acc"] > 0).all()
+    assert "incomplete_optimization" not in _flags(indicated, "reattached", "pgd-crawl")
+    assert "bad_gradients" in _flags(indicated, "reattached", "pgd-crawl")
 
 
 def test_transfer_failure_is_the_transfer_rows_own(indicated):
@@ -254,3 +256,40 @@ def test_unstable_predictions_flag_the_rough_defense_only(indicated):
     assert "unstable_predictions" in _flags(indicated, "rough", "pgd")
     assert "unstable_predictions" in _flags(indicated, "rough", "worst_case")
     assert "unstable_predictions" not in _flags(indicated, "cnn-at", "worst_case")
+
+
+def test_single_step_probe_is_planned_once_per_cell():
+    from benchmark.spec.jobs import SINGLE_STEP
+    from benchmark.spec.plan import plan_suite
+
+    plan = plan_suite(parse_suite(SUITE, source="indicators.toml"), limit=8)
+    probes = [j for j in plan.jobs if j.probe == SINGLE_STEP]
+    # three classifiers x two epsilons, each with PGD (20 steps) as its first iterative attack
+    assert sorted((j.defense.id, j.eps) for j in probes) == sorted(
+        (d, e) for d in ("cnn-at", "reattached", "rough") for e in (0.1, 0.3))
+    for j in probes:
+        assert j.attack is not None and j.attack.id == "pgd@1-step" and j.attack.name == "pgd"
+        assert j.attack.kwargs() == {"steps": 1} and len(j.sample_ids) == 4
+        assert "single-step probe" in j.label()
+    assert len({j.key for j in probes}) == len(probes)
+    # never a row: the leaderboard has no 1-step PGD row
+    off = parse_suite(SUITE.replace("unconstrained_probe = 0",
+                                    "unconstrained_probe = 0\nsingle_step_probe = 0"),
+                      source="off.toml")
+    assert not [j for j in plan_suite(off, limit=8).jobs if j.probe]
+    with pytest.raises(ValueError, match="single_step_probe"):
+        parse_suite(SUITE.replace("unconstrained_probe = 0", "single_step_probe = -1"),
+                    source="bad.toml")
+
+
+def test_single_step_probe_flags_an_iterative_attack_that_crawls(indicated):
+    """At l-inf 0.3 one full-size step breaks digits the 1e-4-per-step PGD leaves robust; the
+    20-step PGD breaks at least as many."""
+    ev = indicated.attrs["evidence"]
+    probe = ev.single_step[("cnn-at", "linf", 0.3)]
+    assert len(probe) == 4 and not all(probe.values())
+    assert "single_step_beats_iterative" in _flags(indicated, "cnn-at", "pgd-crawl", 0.3)
+    assert "single_step_beats_iterative" in _flags(indicated, "cnn-at", "worst_case", 0.3)
+    assert "single_step_beats_iterative" not in _flags(indicated, "cnn-at", "pgd", 0.3)
+    pgd = indicated[indicated["attack"] == "pgd"]  # no probe row: 3 defenses x 2 epsilons
+    assert len(pgd) == 6 and set(pgd["steps"]) == {20}

@@ -224,7 +224,7 @@ def test_fixed_noise_diagnostic_needs_no_eot() -> None:
     frame = pd.DataFrame([dict(defense="diffpure", attack=a, attack_name=a, threat_model="linf",
                                eps=0.1, eot_draws=1) for a in ("pgd", "fixed-noise")])
     ev = FlagEvidence(diagnostics={"diffpure": {"cosine": 0.4}})
-    _, random = _gradients(frame, ev)
+    _, random, _ = _gradients(frame, ev)
     assert random.tolist() == [True, False]
 
 
@@ -335,15 +335,15 @@ def test_unconstrained_probe_flags_attacks_that_cannot_succeed_even_unbounded(fl
 def test_probes_are_planned_for_white_box_attacks_only():
     suite = parse_suite(SUITE, source="flags.toml")
     plan = plan_suite(suite, limit=16)
-    probes = [j for j in plan.jobs if j.probe]
+    probes = [j for j in plan.jobs if j.probe is True]  # unconstrained (not single-step)
     assert probes and all(j.eps == 1.0 and j.threat == "linf" and len(j.sample_ids) == 4
                           and j.sample_ids == plan.sample_ids[:4] for j in probes)
     assert {j.attack_id for j in probes} == {"pgd", "pgd-1", "bpda"}  # never Square
     assert {j.defense.id for j in probes if j.attack_id == "bpda"} == {"quantized"}
     assert len({j.key for j in probes}) == len(probes)
     assert all("unconstrained probe" in j.label() for j in probes)
-    off = parse_suite(SUITE.replace('shard_size = 16', 'shard_size = 16\nunconstrained_probe = 0'),
-                      source="flags.toml")
+    off = parse_suite(SUITE.replace('shard_size = 16', 'shard_size = 16\nunconstrained_probe = 0'
+                                    '\nsingle_step_probe = 0'), source="flags.toml")
     plain = plan_suite(off, limit=16)
     assert not any(j.probe for j in plain.jobs)
     # the probe leaves the keys of ordinary jobs alone

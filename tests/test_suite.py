@@ -123,8 +123,10 @@ def test_attack_pairing_and_eps_restrict_the_plan_with_reasons() -> None:
     plan = plan_suite(suite, limit=2)
     attacked = {(j.defense.id, j.eps) for j in plan.jobs if not j.is_clean and not j.probe}
     assert attacked == {("at", 0.2)}
-    # its unconstrained probe runs where the attack runs, and only there
-    assert {(j.defense.id, j.eps) for j in plan.jobs if j.probe} == {("at", 1.0)}
+    # its probes run where the attack runs, and only there: unconstrained at l-inf 1, the
+    # single-step probe in its cell
+    assert {(j.defense.id, j.eps, j.probe) for j in plan.jobs if j.probe} == {
+        ("at", 1.0, True), ("at", 0.2, "single-step")}
     reasons = {(s["defense"], s["eps"]): s["reason"] for s in plan.skipped}
     assert reasons[("at", 0.1)] == "suite restricts pgd to eps [0.2]"
     assert "restricts pgd to defenses ['at']" in reasons[("undefended", 0.2)]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmark.spec.jobs import CLEAN, JobSpec
+from benchmark.spec.jobs import CLEAN, SINGLE_STEP, JobSpec
 from benchmark.spec.plan import Plan
 from benchmark.store import Store
 
@@ -41,6 +41,9 @@ class FlagEvidence:
     #: (:data:`benchmark.api.attack.EVIDENCE_KEYS`: any adversarial iterate, binned loss curve,
     #: the surrogate's verdict), merged over the row's jobs.
     per_sample: dict[RowKey, dict[str, dict[int, Any]]] = field(default_factory=dict)
+    #: (defense, threat, eps) -> sample id -> majority verdict (1 robust) of the cell's
+    #: single-step probe (the robust outcome against the adversarial example alone).
+    single_step: dict[tuple[str, str, float], dict[int, int]] = field(default_factory=dict)
 
 
 def row_key(r: Any) -> RowKey:
@@ -123,6 +126,11 @@ def collect_evidence(store: Store, plan: Plan | None = None) -> FlagEvidence:
             diag = job["extras"].get("grad_diagnostics")
             if diag and isinstance(diag[0], dict) and "error" not in diag[0]:
                 ev.diagnostics[job["defense"]] = diag[0]
+            continue
+        if job["spec"].get("probe") == SINGLE_STEP:
+            cell = (str(job["defense"]), str(job["threat"]), float(job["eps"]))
+            ev.single_step[cell] = {sid: int(2 * c > job["k"]) for sid, c, _, _ in
+                                   store.samples([job["key"]])[job["key"]]}
             continue
         if job["spec"].get("probe"):
             robust = sum(2 * c > job["k"] for _, c, _, _ in store.samples([job["key"]])[

@@ -66,6 +66,10 @@ FLAG_HELP = {
                             "(mean relative change) under uniform noise of width 8/255 on "
                             "clean samples: its loss surface is too rough for gradient "
                             "attacks to follow (Pintor et al. 2022)",
+    "single_step_beats_iterative": "the cell's single-step probe (its first iterative "
+                                   "white-box attack with one step, on the first samples) broke "
+                                   "samples this iterative attack left robust: the iterative "
+                                   "attack is failing (Carlini et al. 2019)",
     "silent_success": "on a deterministic defense, the attack evaluated an adversarial iterate "
                       "for some sample but returned an example the defense classifies "
                       "correctly: it threw away a success (Pintor et al. 2022)",
@@ -331,6 +335,26 @@ def _path_indicators(frame: pd.DataFrame, ev: FlagEvidence) -> dict[str, pd.Seri
     return out
 
 
+def _single_step(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
+    """Iterative white-box rows that left robust a sample the cell's single-step probe broke
+    (deterministic rows: one such sample; stochastic ones: two, as a majority vote over K
+    draws can flip one borderline sample by chance)."""
+    flagged = pd.Series(False, index=frame.index)
+    for idx, r in _ok(frame).iterrows():
+        if r["attack"] == WORST or is_blackbox(r) or _pins_randomness(r):
+            continue
+        steps = r.get("steps")
+        if steps is None or pd.isna(steps) or int(steps) <= 1:
+            continue
+        probe = ev.single_step.get((str(r["defense"]), str(r["threat_model"]), float(r["eps"])))
+        robust = ev.robust.get(row_key(r), {})
+        if not probe or not robust:
+            continue
+        broke = sum(1 for s, ok in probe.items() if not ok and robust.get(s) == 1)
+        flagged[idx] = broke >= (2 if bool(r["stochastic"]) else 1)
+    return flagged
+
+
 def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> pd.Series:
     """A ``;``-joined string of flag names per row ('' when none fired). Without
     ``evidence`` only the flags that the rows alone support are computed."""
@@ -355,6 +379,7 @@ def compute_flags(frame: pd.DataFrame, evidence: FlagEvidence | None = None) -> 
         checks["above_chance_at_sanity_eps"] = _above_chance(frame, evidence)
         checks["unconstrained_attack_failure"] = _unconstrained(frame, evidence)
         checks.update(_path_indicators(frame, evidence))
+        checks["single_step_beats_iterative"] = _single_step(frame, evidence)
         checks["undeclared_randomness"] = frame["defense"].map(
             lambda d: bool(evidence.diagnostics.get(str(d), {}).get("undeclared_randomness")))
     for name, hits in checks.items():

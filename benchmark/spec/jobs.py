@@ -31,6 +31,11 @@ from benchmark.spec.suite import NO_PARAMS, PluginSpec, canonical_json, thaw
 CLEAN = "clean"
 
 
+#: ``JobSpec.probe`` of the single-step probe (Carlini et al. 2019: an iterative attack must
+#: beat a single-step one).
+SINGLE_STEP = "single-step"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     suite: str
@@ -51,9 +56,11 @@ class JobSpec:
     #: canonical JSON of what the plan resolved in code (:func:`benchmark.spec.fingerprint.
     #: resolve`): plug-in versions, attack config and budget, defense defaults, weights sha256.
     resolved: str = NO_PARAMS
-    #: an automatic probe (:mod:`benchmark.spec.plan`, ``unconstrained_probe``): the attack at
-    #: an epsilon that allows any image, on a few samples; evidence for the flags, never a row.
-    probe: bool = False
+    #: an automatic probe (:mod:`benchmark.spec.plan`), evidence for the flags, never a row:
+    #: ``True``, the unconstrained probe (``unconstrained_probe``: the attack at an epsilon that
+    #: allows any image, on a few samples); :data:`SINGLE_STEP`, the single-step probe
+    #: (``single_step_probe``: the cell's first iterative white-box attack with one step).
+    probe: bool | str = False
 
     @property
     def is_clean(self) -> bool:
@@ -90,7 +97,7 @@ class JobSpec:
             "threat": self.threat, "eps": self.eps,
             "resolved": json.loads(self.resolved),
             # only where set: the keys of ordinary jobs are those of key version 2 as before
-            **({"probe": True} if self.probe else {}),
+            **({"probe": self.probe} if self.probe else {}),
         }
 
     @cached_property
@@ -123,7 +130,8 @@ class JobSpec:
 
     def label(self) -> str:
         where = "" if self.threat is None else f" {self.threat} eps={self.eps:g}"
-        what = "unconstrained probe" if self.probe else f"shard {self.shard}"
+        what = (f"{self.probe} probe" if isinstance(self.probe, str) else
+                "unconstrained probe" if self.probe else f"shard {self.shard}")
         return f"{self.defense.id} / {self.attack_id}{where} [{what}]"
 
 

@@ -2,7 +2,10 @@
 
 Expansion runs every compatible (defense, attack, threat model, epsilon) combination of a suite
 on shards of its evaluation subset, plus one clean job per defense configuration and shard;
-incompatible combinations are listed as skipped, with the reason.
+incompatible combinations are listed as skipped, with the reason. Classifiers also get probe
+jobs, evidence for the validity flags and never rows: the unconstrained probe of every
+white-box attack (``unconstrained_probe``) and the single-step probe of every cell with an
+iterative white-box attack (``single_step_probe``).
 
 Each job carries what the plan resolved in code (plug-in versions, the attack's config and
 budget after construction, the defense's defaults, the sha256 of the zoo weights they name; see
@@ -32,8 +35,8 @@ from benchmark.plugins.builtin import ATTACKS, THREAT_MODELS
 from benchmark.plugins.cache import DefenseCache
 from benchmark.plugins.traits import attack_traits
 from benchmark.spec import fingerprint
-from benchmark.spec.jobs import JobSpec
-from benchmark.spec.suite import Suite, freeze, thaw
+from benchmark.spec.jobs import SINGLE_STEP, JobSpec
+from benchmark.spec.suite import PluginSpec, Suite, freeze, thaw
 
 
 @dataclass
@@ -48,6 +51,33 @@ class Plan:
     #: attack id -> {"direction": "lower" | "raise" | None, "start": "test" | "generated" | None}
     #: (class attributes of density attacks, for rows of jobs that errored).
     attack_info: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+
+#: appended to an attack's id to name its single-step probe.
+SINGLE_STEP_SUFFIX = "@1-step"
+
+
+def single_step_of(attacks: list[tuple[PluginSpec, Any]]) -> tuple[PluginSpec, Any] | None:
+    """The single-step probe of a cell (Carlini et al. 2019, "iterative attacks must beat
+    single-step ones"): the first of ``attacks`` (the cell's, in suite order) that is
+    white-box, not a diagnostic, iterative (``budget.steps > 1``) and accepts ``steps = 1``,
+    rebuilt with one step (a ``step_size`` the suite set for many steps dropped: the attack's
+    default for one step is used); its id is the attack's with :data:`SINGLE_STEP_SUFFIX`
+    (its draws and examples are never mistaken for the attack's own). None if there is
+    none."""
+    for a, attack in attacks:
+        traits = attack_traits(a.name, dict(a.kwargs()))
+        budget = getattr(attack, "budget", None)
+        if traits.blackbox or traits.diagnostic or getattr(budget, "steps", 0) <= 1:
+            continue
+        params = {k: v for k, v in a.kwargs().items() if k != "step_size"}
+        params["steps"] = 1
+        try:
+            built = ATTACKS.get(a.name)(**params)
+        except (TypeError, ValueError):  # no "steps" parameter (e.g. AutoAttack's n_iter)
+            continue
+        return PluginSpec(f"{a.id}{SINGLE_STEP_SUFFIX}", a.name, freeze(params)), built
+    return None
 
 
 def unconstrained_eps(threat: str, dim: int) -> float | None:
@@ -116,6 +146,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                                  **common)  # type: ignore[arg-type]
                          for i, s in enumerate(shards)]
             planned: set[str] = set()
+            planned_at: set[tuple[str, float]] = set()
             for a, attack in attacks:
                 for eps in t.eps:
                     reason: str | None
@@ -140,6 +171,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                                      **common)  # type: ignore[arg-type]
                              for i, s in enumerate(shards)]
                     planned.add(a.id)
+                    planned_at.add((a.id, eps))
             # the unconstrained probe of every white-box attack that runs here (Pintor et al.)
             wide = unconstrained_eps(t.name, dim)
             for a, attack in attacks:
@@ -155,6 +187,23 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                 jobs.append(JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
                                     eps=wide, sample_ids=tuple(mine[:suite.unconstrained_probe]),
                                     shard=0, resolved=resolved, probe=True,
+                                    **common))  # type: ignore[arg-type]
+            # the single-step probe of every cell with an iterative white-box attack (Carlini)
+            if kind != "classifier" or suite.single_step_probe < 1:
+                continue
+            for eps in t.eps:
+                single = single_step_of([(a, attack) for a, attack in attacks
+                                         if (a.id, eps) in planned_at])
+                if single is None:
+                    continue
+                spec, built = single
+                resolved = freeze(fingerprint.resolve(
+                    dpart, kwargs, fingerprint.attack_part(spec.name, built), spec.kwargs(),
+                    threat_parts[t.name], zoo))
+                jobs.append(JobSpec(defense=d, defense_params=params, attack=spec,
+                                    threat=t.name, eps=eps,
+                                    sample_ids=tuple(mine[:suite.single_step_probe]), shard=0,
+                                    resolved=resolved, probe=SINGLE_STEP,
                                     **common))  # type: ignore[arg-type]
     del ds
     return Plan(suite, subset, ids, jobs, skipped, kinds, info)

@@ -15,6 +15,7 @@ the threat models with their epsilons::
     num_gpus = 0
     # job_timeout_s = 600  # stop a job after this long (process and ray executors; not local)
     # unconstrained_probe = 4  # samples of the automatic unconstrained-attack probe (0: off)
+    # single_step_probe = 4    # samples of the automatic single-step probe (0: off)
 
     [[defenses]]
     name = "undefended"                 # registry name or "package.module:Class"
@@ -138,6 +139,9 @@ class Suite:
     #: samples of the automatic unconstrained-attack probe of every (defense, white-box attack,
     #: threat model) (:func:`benchmark.spec.plan.plan_suite`); 0 switches it off.
     unconstrained_probe: int = 4
+    #: samples of the automatic single-step probe of every (defense, threat model, epsilon)
+    #: with an iterative white-box attack (Carlini et al. 2019); 0 switches it off.
+    single_step_probe: int = 4
     #: the ``dataset_params`` table as canonical JSON (:func:`freeze`)
     dataset_params: str = NO_PARAMS
     description: str = ""
@@ -151,7 +155,7 @@ class Suite:
 
 _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "shard_size",
                "dataset_params", "description", "num_cpus", "num_gpus", "job_timeout_s",
-               "unconstrained_probe"}
+               "unconstrained_probe", "single_step_probe"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
 #: per section, the key that restricts an entry to some ids of the other section
 _PAIRING_KEY = {"defenses": "attacks", "attacks": "defenses"}
@@ -359,10 +363,12 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
                                 or not 0 < timeout < float("inf")):
         raise ctx.error("suite.job_timeout_s", f"expected a positive number of seconds, got "
                                                f"{timeout!r}")
-    probe = _typed(ctx, head, "unconstrained_probe", "suite", int, 4)
-    if probe < 0:
-        raise ctx.error("suite.unconstrained_probe", f"must be >= 0 (0 switches the probe off), "
-                                                     f"got {probe!r}")
+    probes = {}
+    for key in ("unconstrained_probe", "single_step_probe"):
+        probes[key] = _typed(ctx, head, key, "suite", int, 4)
+        if probes[key] < 0:
+            raise ctx.error(f"suite.{key}", f"must be >= 0 (0 switches the probe off), "
+                                            f"got {probes[key]!r}")
     defenses = _plugins(ctx, doc, "defenses")
     attacks = _plugins(ctx, doc, "attacks")
     threat_models = _threats(ctx, doc)
@@ -371,7 +377,8 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         num_cpus=resources["num_cpus"],
         num_gpus=resources["num_gpus"],
         job_timeout_s=None if timeout is None else float(timeout),
-        unconstrained_probe=probe,
+        unconstrained_probe=probes["unconstrained_probe"],
+        single_step_probe=probes["single_step_probe"],
         name=_typed(ctx, head, "name", "suite", str, _REQUIRED),
         dataset=_typed(ctx, head, "dataset", "suite", str, _REQUIRED),
         subset=_typed(ctx, head, "subset", "suite", str, _REQUIRED),
