@@ -95,6 +95,7 @@ def _shrink_spec(spec: PluginSpec, registry: Any) -> PluginSpec:
 def shrunk_suite(suite: Suite) -> Suite:
     return dataclasses.replace(
         suite, k_draws=2, batch_size=N_IMAGES, shard_size=N_IMAGES, unconstrained_probe=0,
+        single_step_probe=0,  # the probe is the same attack code with one step
         defenses=tuple(_shrink_spec(d, DEFENSES) for d in suite.defenses),
         attacks=tuple(_shrink_spec(a, ATTACKS) for a in suite.attacks),
         threat_models=suite.threat_models)
