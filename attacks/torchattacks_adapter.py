@@ -146,8 +146,9 @@ class TorchAttacks(Attack):
         own = super().incompatibility(defense, threat)
         if own is not None:
             return own
-        if threat.name == "stadv":
-            return "torchattacks attacks perturb pixels; they cannot produce a StAdv flow field"
+        if threat.needs_params:
+            return (f"torchattacks attacks perturb pixels; they cannot produce the parameter "
+                    f"that a {threat.name!r} result carries (a flow field, DCT coefficients)")
         norm = self.norm()
         if threat.name == "unrestricted" or norm is None:
             return None

@@ -70,6 +70,7 @@ OPTIONAL_LIBRARIES = {"torchattacks": "torchattacks"}
 EXPECTED_INCOMPATIBLE = {
     ("torchattacks", "l2"): "linf attack",  # torchattacks.PGD is an l-inf attack
     ("torchattacks", "stadv"): "flow field",
+    ("torchattacks", "lowfreq"): "DCT coefficients",
 }
 
 #: attacks that fail on their toy today, with the reason and the error (strict xfail: a fix is
@@ -78,7 +79,7 @@ KNOWN_ATTACK_FAILURES: dict[str, tuple[str, type[Exception]]] = {
 }
 
 #: the budget each registered threat model is built with.
-THREAT_EPS = {"linf": 0.1, "l2": 0.5, "stadv": 0.05, "unrestricted": 1.0}
+THREAT_EPS = {"linf": 0.1, "l2": 0.5, "lowfreq": 0.1, "stadv": 0.05, "unrestricted": 1.0}
 
 #: images per attack run
 N_IMAGES = 3

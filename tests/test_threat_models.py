@@ -10,10 +10,11 @@ import torch
 from benchmark.api.threat import ThreatModel, validate_eps
 from benchmark.plugins.builtin import THREAT_MODELS
 from benchmark.plugins.registry import UnknownNameError
-from threat_models import L2Threat, LinfThreat, StAdvThreat, UnrestrictedThreat
+from threat_models import L2Threat, LinfThreat, LowFreqThreat, StAdvThreat, UnrestrictedThreat
 from threat_models.stadv import warp
 
-ALL = [LinfThreat(8 / 255), L2Threat(0.5), StAdvThreat(0.05), UnrestrictedThreat()]
+ALL = [LinfThreat(8 / 255), L2Threat(0.5), LowFreqThreat(8 / 255), StAdvThreat(0.05),
+       UnrestrictedThreat()]
 
 
 def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -159,3 +160,85 @@ def test_ascent_direction_has_unit_size(threat: ThreatModel) -> None:
     else:
         assert a.abs().amax(dim=1).tolist() == [1.0, 1.0]
     assert ((a * g.reshape(2, -1)).sum(dim=1) > 0).all()
+
+
+# -- low-frequency ------------------------------------------------------------------------------
+
+def test_lowfreq_basis_is_the_dct_ii_with_unit_amplitude() -> None:
+    from threat_models.lowfreq import cosine_basis, lowfreq_size
+
+    b = cosine_basis(16, 16, dtype=torch.float64)
+    gram = b @ b.T  # orthogonal rows: n for the constant, n / 2 for every other cosine
+    assert torch.allclose(gram, torch.diag(torch.tensor([16.0] + [8.0] * 15,
+                                                        dtype=torch.float64)), atol=1e-10)
+    # unit amplitude: the constant is 1, every sampled cosine peaks at most 1
+    assert (b[0] == 1).all() and (b.abs().amax(dim=1) <= 1).all()
+    assert b.abs().amax(dim=1)[1] == pytest.approx(math.cos(math.pi / 32))
+    assert lowfreq_size(16, 16) == (4, 4) and lowfreq_size(32, 32) == (8, 8)
+    assert lowfreq_size(3, 5) == (1, 2)
+
+
+def test_lowfreq_perturbations_hold_no_high_frequency_and_stay_in_linf() -> None:
+    from threat_models.lowfreq import cosine_basis
+
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    threat = LowFreqThreat(0.1)
+    g = torch.Generator().manual_seed(1)
+    p = threat.project(x, 5 * torch.randn(threat.init(x).shape, generator=g))
+    assert p.shape == (4, 1, 4, 4)
+    delta = threat.delta(x, p).double()
+    # a DC coefficient moves every pixel by itself
+    dc = torch.zeros_like(p)
+    dc[:, :, 0, 0] = 0.07
+    assert torch.allclose(threat.delta(x, dc), torch.full_like(x, 0.07))
+    # the full DCT-II of delta: nothing beyond the lowest 4 x 4 coefficients
+    full = cosine_basis(16, 16, dtype=torch.float64)
+    coef = torch.einsum("bcij,ui,vj->bcuv", delta, full, full)
+    tol = 1e-6 * coef.abs().max()  # float32 round-off of delta
+    assert coef[..., 4:, :].abs().max() < tol and coef[..., :, 4:].abs().max() < tol
+    # the bound is pixel-space l-inf: a low-frequency example is an l-inf one at the same eps
+    x_adv = threat.apply(x, p)
+    assert threat.check(x, x_adv, p) is None
+    assert LinfThreat(0.1).check(x, x_adv) is None
+    assert torch.allclose(threat.distance(x, x_adv, p), delta.flatten(1).abs().amax(1).float())
+    assert (threat.distance(x, x_adv, p) > 0.099).all()  # projected onto the boundary
+
+
+def test_lowfreq_check_refuses_high_frequencies_and_forged_coefficients() -> None:
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    threat = LowFreqThreat(0.1)
+    p = threat.init(x, torch.Generator().manual_seed(2), random=True)
+    x_adv = threat.apply(x, p).clone()
+    # a checkerboard within l-inf 0.1: a valid linf example, not a low-frequency one
+    board = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 0.05
+    x_adv[0] = (x_adv[0] + board).clamp(0, 1)
+    big = p.clone()
+    big[1] *= 1000  # coefficients over the bound, x_adv reproduced from them
+    x_adv[1] = threat.apply(x[1:2], big[1:2])[0]
+    v = threat.check(x, x_adv, big)
+    assert v is not None and v.mask.tolist() == [True, True, False]
+    assert "not x plus the low-frequency perturbation" in v.per_sample[0]
+    assert "lowfreq peak" in str(v.per_sample[1])
+    assert threat.check(x, x_adv, None) is not None  # no coefficients: nothing verifies
+    bad = p.clone()
+    bad[2, 0, 0, 0] = float("nan")
+    assert "non-finite coefficients" in str(threat.violations(x, threat.apply(x, p), bad)
+                                            .per_sample[2])
+    with pytest.raises(ValueError, match="kh, kw"):
+        threat.apply(x, torch.zeros(3, 1, 16, 16))
+
+
+def test_pgd_under_lowfreq_is_verified_and_raises_the_loss() -> None:
+    from attacks.pgd import PGD
+    from tests.toys import TinyCNN
+
+    model = TinyCNN()
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    threat = LowFreqThreat(0.1)
+    res = PGD(steps=10, random_start=False).run(model, x, y, threat)
+    assert res.params is not None and res.params.shape == (6, 1, 4, 4)
+    assert threat.check(x, res.x_adv, res.params) is None
+    ce = torch.nn.functional.cross_entropy
+    assert ce(model(res.x_adv), y, reduction="none").mean() > ce(model(x), y, reduction="none"
+                                                                 ).mean()
