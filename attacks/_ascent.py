@@ -171,6 +171,10 @@ class KeepBest:
         worst = float("-inf") if maximize else float("inf")
         self.score = torch.full((b,), worst, dtype=dtype, device=p0.device)
         self.success = torch.zeros(b, dtype=torch.bool, device=p0.device)
+        #: with ``track_success``: per sample, the index of the first offered iterate that
+        #: succeeded (counting every ``update`` call, restarts included), -1 while none has.
+        self.first = torch.full((b,), -1, dtype=torch.long, device=p0.device)
+        self.offered = 0
 
     def update(self, p: Tensor, score: Tensor, success: Tensor | None = None) -> Tensor:
         """Offer iterate ``p`` with per-sample ``score`` (and ``success`` flags, required with
@@ -185,11 +189,14 @@ class KeepBest:
                 raise ValueError("this KeepBest tracks success: update() needs success flags")
             won = success if ok is None else success & ok
             better = (won & ~self.success) | ((won == self.success) & gain)
+            self.first = torch.where(won & ~self.success,
+                                     torch.full_like(self.first, self.offered), self.first)
             self.success = self.success | won
         else:
             better = gain
         self.params = torch.where(bcast(better, p), p.detach(), self.params)
         self.score = torch.where(better, s, self.score)
+        self.offered += 1
         return better
 
 

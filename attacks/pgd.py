@@ -129,4 +129,5 @@ class PGD(Attack):
         return AttackResult(x_adv.detach(), params=best.params,
                             grad_evals=self.steps * self.restarts * draws, extras=extras,
                             evidence={"any_adversarial": best.success.clone(),
+                                      "first_adversarial": best.first.clone(),
                                       "loss_curve": curve.binned()})

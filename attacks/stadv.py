@@ -91,4 +91,5 @@ class StAdv(Attack):
         return AttackResult(x_adv.detach(), params=best.params,
                             grad_evals=self.steps * self.eot_draws, extras=extras,
                             evidence={"any_adversarial": best.success.clone(),
+                                      "first_adversarial": best.first.clone(),
                                       "loss_curve": curve.binned()})

@@ -6,6 +6,7 @@ refusal of malformed evidence."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -151,7 +152,7 @@ def _flags(frame: pd.DataFrame, defense: str, attack: str, eps: float = 0.1) -> 
 
 def test_evidence_is_stored_per_sample(indicated):
     per = indicated.attrs["evidence"].per_sample[("cnn-at", "pgd", "linf", 0.3)]
-    assert set(per) == {"any_adversarial", "loss_curve"}
+    assert set(per) == {"any_adversarial", "first_adversarial", "loss_curve"}
     assert sorted(per["loss_curve"]) == sorted(per["any_adversarial"]) and len(per[
         "loss_curve"]) == 8
     assert all(len(c) == 21 for c in per["loss_curve"].values())  # 20 steps + the final one
@@ -293,3 +294,46 @@ def test_single_step_probe_flags_an_iterative_attack_that_crawls(indicated):
     assert "single_step_beats_iterative" not in _flags(indicated, "cnn-at", "pgd", 0.3)
     pgd = indicated[indicated["attack"] == "pgd"]  # no probe row: 3 defenses x 2 epsilons
     assert len(pgd) == 6 and set(pgd["steps"]) == {20}
+
+
+# -- attack efficiency ---------------------------------------------------------------------------
+
+def test_unbroken_curve_and_convergence_oracles():
+    from benchmark.report.efficiency import converged_at, unbroken_curve
+
+    # four samples fooled at evaluations 0, 2, 2 and never, over 5 evaluations
+    curve = unbroken_curve({1: 0, 2: 2, 3: 2, 4: -1}, [1, 2, 3, 4], 5)
+    assert curve.tolist() == [0.75, 0.75, 0.25, 0.25, 0.25]
+    assert converged_at(curve) == 2
+    assert converged_at(np.array([0.5, 0.5, 0.5])) == 0  # flat from the start
+    assert converged_at(np.array([1.0, 0.6, 0.505, 0.5]), tol=0.01) == 2
+    assert unbroken_curve({}, [], 5).size == 0
+
+
+def test_pgd_reports_when_each_sample_first_fell():
+    torch.manual_seed(0)
+    model = Linear(torch.randn(3, 8))
+    x = torch.rand(6, 1, 2, 4)
+    y = model(x).argmax(1)
+    result = PGD(steps=10, restarts=2, random_start=False).run(model, x, y, LinfThreat(0.3))
+    first, found = result.evidence["first_adversarial"], result.evidence["any_adversarial"]
+    assert first.dtype == torch.long and torch.equal(first >= 0, found)
+    assert (first < 22).all()  # (10 steps + the final iterate) x 2 restarts
+    # evaluation 0 is the clean input, which every sample's own label classifies correctly
+    assert (first != 0).all()
+
+
+def test_efficiency_table_and_published_curves(indicated, tmp_path):
+    from benchmark.report import efficiency as eff
+
+    table = eff.efficiency_table(indicated, indicated.attrs["evidence"])
+    row = table[(table.defense == "cnn-at") & (table.attack == "pgd") & (table.eps == 0.3)]
+    assert len(row) == 1 and row["evaluations"].item() == 21
+    assert row["final_unbroken"].item() == 0.0  # every sample fell (robust 0% at 0.3)
+    assert 0 < row["converged_at"].item() <= 21
+    assert "transfer" not in set(table.attack)  # no path evidence about the defense
+    plots = eff.write_efficiency_plots(table, tmp_path / "plots")
+    assert plots == ["plots/efficiency_linf.png"] and (tmp_path / plots[0]).stat().st_size
+    eff.efficiency_csv(table, tmp_path / "efficiency.csv")
+    text = (tmp_path / "efficiency.csv").read_text()
+    assert text.startswith("defense,attack,threat_model,eps") and "converged_at" in text

@@ -71,13 +71,17 @@ class AttackTraits:
 #: * ``any_adversarial`` (bool): some evaluated iterate was adversarial under the attack's own
 #:   forward (one pass, or the mean of its EOT draws); with a robust verdict on the returned
 #:   example, a *silent success*.
+#: * ``first_adversarial`` (int): the index of the first evaluated iterate that was adversarial
+#:   under the attack's own forward (evaluations counted over every restart; an attack of S
+#:   steps evaluates S + 1 iterates per restart), -1 if none was: the attack-efficiency curve
+#:   (the share of samples still unbroken against iterations, and NFE) is read from it.
 #: * ``loss_curve`` (float, (B, R)): the attack objective along its iterations, consecutive
 #:   evaluations averaged into R <= :data:`LOSS_CURVE_BINS` bins (restarts concatenated); the
 #:   last bin ends at the final evaluation. Read by *incomplete optimization*.
 #: * ``source_adversarial`` (bool): the returned example fools the surrogate the attack optimized
 #:   (a transfer attack's source model, the Lagrange attack's head); with a robust verdict on the
 #:   defense, a *transfer failure*.
-EVIDENCE_KEYS = ("any_adversarial", "loss_curve", "source_adversarial")
+EVIDENCE_KEYS = ("any_adversarial", "first_adversarial", "loss_curve", "source_adversarial")
 #: most bins of a reported loss curve.
 LOSS_CURVE_BINS = 50
 

@@ -13,7 +13,9 @@ Writes ``DEST/<suite>/``:
   HTML-escaped. The page reads ``?sort=COLUMN&dir=asc|desc&tm=THREAT&kind=KIND`` on load;
 * ``plots/robust_vs_eps_<threat>.png``: worst-case robust accuracy versus epsilon per defense
   (epsilon 0 is clean accuracy), with 95% intervals; PNGs a run keeps under ``plots/`` or
-  ``density/`` (the density metrics' plots) are copied next to them.
+  ``density/`` (the density metrics' plots) are copied next to them;
+* ``plots/efficiency_<threat>.png`` and ``efficiency.csv``: the attack-efficiency curves of the
+  attacks that report when each sample first fell (:mod:`benchmark.report.efficiency`).
 
 ``DEST/README.md`` lists the published suites.
 """
@@ -33,6 +35,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.report.cells import all_code_versions, is_number, pct
+from benchmark.report.efficiency import efficiency_csv, efficiency_table, write_efficiency_plots
 from benchmark.report.evidence import WORST, collect_evidence
 from benchmark.report.flags import FLAG_HELP
 
@@ -452,6 +455,7 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
     frame, plan, kinds = load_run(run)
     with Store(run / "runs.sqlite") as store:
         progress = run_progress(store, plan)
+        efficiency = efficiency_table(frame, collect_evidence(store, plan))
     out = Path(dest) / _slug(plan.suite.name)
     out.mkdir(parents=True, exist_ok=True)
     table = ranked(frame, kinds)
@@ -460,6 +464,8 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
                             if pd.api.types.is_string_dtype(frame[c])}),
               out / "leaderboard.csv")
     plots = write_plots(table, out / "plots") if len(table) else []
+    plots += write_efficiency_plots(efficiency, out / "plots")
+    efficiency_csv(efficiency, out / "efficiency.csv")
     for sub in ("plots", "density"):  # plots the run itself produced (density metrics)
         if (run / sub).is_dir():
             (out / "plots").mkdir(exist_ok=True)

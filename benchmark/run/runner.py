@@ -214,7 +214,10 @@ def evidence_lists(evidence: dict[str, Any], sample_ids: Sequence[int],
             if value.dim() != 1:
                 raise PluginOutputError(f"{who} returned evidence[{name!r}] of shape "
                                         f"{tuple(value.shape)}, expected ({len(sample_ids)},)")
-            out[name] = [bool(v) for v in value.detach().cpu().tolist()]
+            if name == "first_adversarial":
+                out[name] = [int(v) for v in value.detach().long().cpu().tolist()]
+            else:
+                out[name] = [bool(v) for v in value.detach().cpu().tolist()]
     return out
 
 
