@@ -17,7 +17,8 @@ class GaussianDensity(DensityDefense):
     """x ~ N(b, A A^T) on images of shape ``event_shape``: the linear flow x = A x1 + b of Pope
     et al. as a density defense, with the PF-ODE-style split of log p into the prior term
     log N(x1; 0, I) and the "integral" term -log|det A| (exact for a linear flow), and
-    ``sample_from_latent(x1) = (A x1 + b, log p)``. Computes in float64; returns x's dtype."""
+    ``sample_from_latent(x1) = (A x1 + b, log p)`` and its inverse ``encode``. Computes in
+    float64; returns x's dtype."""
 
     stochastic = False
 
@@ -56,6 +57,12 @@ class GaussianDensity(DensityDefense):
         x = self.flow(z).reshape(x1.shape)
         logp = -0.5 * (self.dim * _LOG_2PI + (z * z).sum(1)) - self.flow.log_abs_det
         return x.to(x1.dtype), logp.to(x1.dtype)
+
+
+    def encode(self, x: Tensor, *, solver: str | None = None
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+        return (self.flow.inverse(x.double()).reshape(x.shape).to(x.dtype),
+                self.log_prob_terms(x, solver=solver))
 
 
 def box_qp_max_logp(defense: GaussianDensity, lo: Tensor, hi: Tensor, *,

@@ -135,8 +135,8 @@ def test_reverse_integration_finds_the_mode_through_the_latent():
     a = torch.diag(0.05 + 0.1 * torch.rand(D, dtype=F64, generator=g))
     defense = GaussianDensity(a, 0.3 + 0.4 * torch.rand(SHAPE, dtype=F64, generator=g))
     x = torch.zeros(4, *SHAPE, dtype=F64)
-    res = ReverseIntegrationAttack(lr=0.05, steps=300).run(defense, x, torch.zeros(4),
-                                                          UnrestrictedThreat(), generator=gen(7))
+    res = ReverseIntegrationAttack(init="prior", lr=0.05, steps=300).run(
+        defense, x, torch.zeros(4), UnrestrictedThreat(), generator=gen(7))
     x_opt = defense.mean.reshape(SHAPE).expand_as(x)
     ratio = gain_ratio(defense, res.extras["x_start"], res.x_adv, x_opt)
     assert bool((ratio > 0.99).all()), ratio
@@ -145,16 +145,40 @@ def test_reverse_integration_finds_the_mode_through_the_latent():
                                defense.log_prob(res.x_adv).float().double())
 
 
+def test_reverse_integration_starts_from_the_test_images_latent():
+    """As published (figure 4): the start is encode(x); decoding it gives x back (exact for a
+    linear flow), so the first objective value is log p(x) / D and x_start is the test image."""
+    g = gen(8)
+    a = torch.diag(0.05 + 0.1 * torch.rand(D, dtype=F64, generator=g))
+    defense = GaussianDensity(a, 0.3 + 0.4 * torch.rand(SHAPE, dtype=F64, generator=g))
+    x = sample_images(defense, 3)
+    attack = ReverseIntegrationAttack(lr=0.05, steps=5)
+    assert attack.init == "encoding" and attack.start == "test"
+    assert "init" in attack.config() and "start" not in attack.config()
+    res = attack.run(defense, x, torch.zeros(3), UnrestrictedThreat(), generator=gen(9))
+    assert torch.equal(res.extras["x_start"], x)
+    torch.testing.assert_close(res.extras["curve"][0].double(),
+                               (defense.log_prob(x) / D).float().double())
+    # ... and the attack raised it from there
+    assert bool((defense.log_prob(res.x_adv) > defense.log_prob(x)).all())
+    prior = ReverseIntegrationAttack(init="prior", lr=0.05, steps=5)
+    assert prior.start == "generated"
+    res = prior.run(defense, x, torch.zeros(3), UnrestrictedThreat(), generator=gen(9))
+    assert not torch.equal(res.extras["x_start"], x)
+    with pytest.raises(ValueError, match="init must be one of 'encoding', 'prior'"):
+        ReverseIntegrationAttack(init="noise")
+
+
 def test_reverse_integration_clamps_samples_outside_the_box_and_reports_it():
     defense = GaussianDensity(torch.eye(D, dtype=F64) * 0.1, torch.full(SHAPE, 1.3, dtype=F64),
                               check_box=False)
     x = torch.zeros(2, *SHAPE, dtype=F64)
-    res = ReverseIntegrationAttack(lr=0.05, steps=200).run(defense, x, torch.zeros(2),
-                                                          UnrestrictedThreat(), generator=gen(0))
+    res = ReverseIntegrationAttack(init="prior", lr=0.05, steps=200).run(
+        defense, x, torch.zeros(2), UnrestrictedThreat(), generator=gen(0))
     assert float(res.x_adv.max()) <= 1.0 and float(res.x_adv.min()) >= 0.0
     assert bool((res.extras["box_excess"] > 0.25).all())
     # with the penalty the sample is pulled back towards the box
-    pen = ReverseIntegrationAttack(lr=0.05, steps=200, box_penalty=100.0).run(
+    pen = ReverseIntegrationAttack(init="prior", lr=0.05, steps=200, box_penalty=100.0).run(
         defense, x, torch.zeros(2), UnrestrictedThreat(), generator=gen(0))
     assert bool((pen.extras["box_excess"] < res.extras["box_excess"]).all())
 

@@ -15,7 +15,9 @@ metric uses. On top of the :class:`benchmark.api.defense.Defense` contract it pr
 * optionally ``log_prob_terms(x, solver=...)`` -> ``{"logp", "integral", "prior"}`` (capability
   ``log_prob_terms``; the prior-only attack needs it) and ``sample_from_latent(x1, solver=...)``
   -> ``(x, logp)``, the image reached by integrating a latent backwards and its log-likelihood
-  (capability ``sample_from_latent``; the reverse-integration attack needs it).
+  (capability ``sample_from_latent``; the reverse-integration attack needs it), and
+  ``encode(x, solver=...)`` -> ``(x1, terms)``, the latent an image integrates to (capability
+  ``encode``; the reverse-integration attack starts there, as published).
 
 Log-likelihoods are densities of ``x`` in [0, 1]^D coordinates whatever space the model works
 in (a model on [-1, 1] adds D ln 2), so bits/dim read the same for every density defense.
@@ -79,9 +81,14 @@ class DensityDefense(Defense):
                            ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} cannot integrate a latent backwards")
 
+    def encode(self, x: Tensor, *, solver: str | None = None
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} cannot integrate an image forwards "
+                                  "to its latent")
+
     def capabilities(self) -> frozenset[str]:
         caps = set(super().capabilities())
-        for part in ("log_prob_terms", "sample_from_latent"):
+        for part in ("log_prob_terms", "sample_from_latent", "encode"):
             if getattr(type(self), part) is not getattr(DensityDefense, part):
                 caps.add(part)
         return frozenset(caps)
