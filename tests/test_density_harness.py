@@ -176,7 +176,8 @@ def test_plan_density_jobs_and_skips() -> None:
     assert "kind:density" in reasons[("cnn", "away")]
     assert "kind:density" in reasons[("cnn", "noise")]
     cnn = {j.attack_id for j in plan.jobs if j.defense.id == "cnn"}
-    assert cnn == {"clean", "pgd"}
+    assert cnn == {"clean", "pgd", "pgd@1-step"}  # the classifier's single-step probe
+    assert not [j for j in gauss if j.probe]  # density defenses get no probes
 
 
 def test_classifier_job_keys_unchanged() -> None:
@@ -435,3 +436,24 @@ def test_shipped_density_suites() -> None:
     assert plan.kinds["realnvp-clean"] == "density"
     assert {j.attack_id for j in plan.jobs if j.defense.id == "realnvp-clean"} == {
         "clean", "flow-pgd-in", "flow-pgd-ood"}
+
+
+def test_no_transfer_flags_a_density_row_whose_reported_nll_moved_against_the_attack():
+    """Issue 17's case: a likelihood-raising attack whose *reported* NLL rose (the PF-ODE
+    near-sample attack, 0.285 -> 0.565 bits/dim, over-fitting the fast solver) is flagged; one
+    that lowered it is not; a likelihood-lowering attack the other way round."""
+    from benchmark.report.density import density_flags, moved_against
+
+    def row(direction, before, after, **more):
+        return dict(defense="d", defense_params="{}", attack="a", threat_model="linf",
+                    eps=0.03, direction=direction, n_errors=0, error=None, accepted=0.5,
+                    accepted_ci_high=0.7, rejected=0.5, rejected_ci_high=0.7,
+                    nll_bpd_before=before, nll_bpd_after=after, code_version="x", **more)
+
+    frame = pd.DataFrame([row("raise", 0.285, 0.565), row("raise", 0.285, 0.1),
+                          row("lower", 2.0, 1.5), row("lower", 2.0, 3.0),
+                          row("raise", 0.285, float("nan"))])
+    frame.loc[1:, "eps"] = [0.031, 0.032, 0.033, 0.034]  # one row per cell: no eps ordering
+    flags = density_flags(frame)
+    assert [("no_transfer" in f.split(";")) for f in flags] == [True, False, True, False, False]
+    assert moved_against(frame.iloc[0]) and not moved_against(frame.iloc[4])

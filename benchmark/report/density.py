@@ -350,11 +350,24 @@ def survival(row: Any) -> tuple[float, float]:
     return float(row[name]), float(row[f"{name}_ci_high"])
 
 
+def moved_against(row: Any) -> bool:
+    """Whether a density row's mean *reported* NLL (bits/dim, the reporting solver's) moved
+    against its attack's direction from the start to the result: up for an attack that raises
+    the likelihood, down for one that lowers it."""
+    before, after = row.get("nll_bpd_before"), row.get("nll_bpd_after")
+    if before is None or after is None or pd.isna(before) or pd.isna(after):
+        return False
+    change = float(after) - float(before)
+    return change > 0 if row["direction"] == "raise" else change < 0
+
+
 def density_flags(frame: pd.DataFrame) -> pd.Series:
     """Validity flags of density rows, with the classifier flags' names: ``threat_violation``,
     ``attack_error``, ``mixed_code_versions`` and ``nonmonotone_eps`` (the detector's survival
     fraction at a larger epsilon exceeds the upper Wilson bound of a smaller epsilon's; starts
-    may differ between epsilons, so the test is by interval)."""
+    may differ between epsilons, so the test is by interval); and ``no_transfer``
+    (:func:`moved_against`: the attack's objective did not transfer to the reported
+    likelihood)."""
     names: dict[Any, list[str]] = {i: [] for i in frame.index}
     for i, r in frame.iterrows():
         if not pd.isna(r["n_errors"]) and r["n_errors"] > 0:
@@ -365,6 +378,9 @@ def density_flags(frame: pd.DataFrame) -> pd.Series:
             names[i].append("mixed_code_versions")
     ok = frame[(frame["attack"] != CLEAN) & frame["direction"].isin(DIRECTIONS)
                & (frame["accepted"].notna() | frame["rejected"].notna())]
+    for idx, r in ok.iterrows():
+        if moved_against(r):
+            names[idx].append("no_transfer")
     for _, part in ok.groupby(["defense", "defense_params", "attack", "threat_model"],
                               dropna=False):
         lowest_upper = math.inf
