@@ -59,6 +59,7 @@ SMALL_ATTACKS: dict[str, dict[str, Any]] = {
     # 2 guided reverse-SDE steps of the zoo denoiser, judged by the zoo's digits-cnn
     "scoreag-gat": {"t_star": 0.02, "dt": 0.01, "judge": "digits-cnn"},
     "transfer": {"source": "digits-cnn", "attack": "pgd", "steps": 2},
+    "spsa": {"steps": 2, "samples": 4},
 }
 
 #: attacks backed by an optional library: skipped, with the import error, where it is missing
