@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: budget keys and the value each is shrunk to (never raised: min(value, small)).
 SMALL = {
     "steps": 2, "n_iter": 2, "n_queries": 8, "eot_draws": 2, "draws": 2, "restarts": 1,
-    "timesteps": 2, "lm_timesteps": 2, "select_draws": 2,
+    "timesteps": 2, "lm_timesteps": 2, "select_draws": 2, "samples": 4,
 }
 #: images per job
 N_IMAGES = 2
@@ -170,7 +170,7 @@ def test_every_planned_pairing_runs(name: str, defense: str) -> None:
     except DatasetNotFoundError as exc:  # cifar10: a local copy of the dataset is needed
         pytest.skip(f"suite {name!r} needs its dataset: {exc}")
     jobs = []
-    for job in plan.jobs:
+    for job in [*plan.jobs, *plan.fallback]:  # fallbacks run where masking shows: test them too
         key = _pairing_key(job)
         if job.shard == 0 and key not in _DONE:
             _DONE.add(key)

@@ -21,9 +21,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from benchmark.report.fallback import fallback_jobs
 from benchmark.run.executors import make_executor
 from benchmark.run.lock import run_lock
 from benchmark.spec.fingerprint import KEY_VERSION
+from benchmark.spec.jobs import JobSpec
 from benchmark.spec.plan import Plan, plan_suite
 from benchmark.spec.stored import plan_record
 from benchmark.spec.suite import Suite
@@ -101,12 +103,16 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
         _backup(db)
         say(f"--fresh: previous store moved aside to {db}.*.bak")
     (out / "suite.toml").write_text(suite.text)
-    (out / "plan.json").write_text(json.dumps({
-        "suite": suite.name, "source": suite.source, "suite_sha256": suite.sha256,
-        "subset": plan.subset.id, "subset_hash": plan.subset.short_hash,
-        "limit": limit, "n_samples": len(plan.sample_ids),
-        "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped, **plan_record(plan)},
-        indent=1))
+
+    def write_plan() -> None:
+        (out / "plan.json").write_text(json.dumps({
+            "suite": suite.name, "source": suite.source, "suite_sha256": suite.sha256,
+            "subset": plan.subset.id, "subset_hash": plan.subset.short_hash,
+            "limit": limit, "n_samples": len(plan.sample_ids),
+            "jobs": [j.key for j in plan.jobs], "skipped": plan.skipped, **plan_record(plan)},
+            indent=1))
+
+    write_plan()
     version = code_version()
     with Store(db) as store:
         store.set_meta("suite", suite.name)
@@ -132,23 +138,50 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
         for d, a, t, why in dict.fromkeys((s["defense"], s["attack"], s["threat_model"],
                                           s["reason"]) for s in plan.skipped):
             say(f"skipped: {d} / {a} / {t}: {why}")
-        errors = 0
         shared = Counter(j.key for j in plan.jobs)
         bar = tqdm(total=len(plan.jobs), initial=resumed, desc=f"genbench {suite.name}",
                    unit="job", disable=(progress != "bar"), dynamic_ncols=True)
-        try:
-            for i, (job, result) in enumerate(ex.map(todo), start=1):
+        counts = {"done": resumed, "errors": 0, "resumed": resumed}
+        written: set[str] = set()
+
+        def run_jobs(jobs: list[JobSpec]) -> None:
+            for job, result in ex.map(jobs):
                 store.write(job, result, version)
+                written.add(job.key)
+                counts["done"] += 1
                 if result.status != "done":
-                    errors += 1
+                    counts["errors"] += 1
                     say(f"error: {job.label()}: {result.error}")
                 bar.update(shared[job.key])  # the plan's jobs under this key
                 if progress == "plain":
-                    say(f"[{resumed + i}/{len(plan.jobs)}] {job.label()} "
+                    say(f"[{counts['done']}/{len(plan.jobs)}] {job.label()} "
                         f"{result.status} in {result.wall_s:.1f}s")
+
+        try:
+            run_jobs(todo)
+            # phase 2: the fallbacks of the defenses whose rows now show masking
+            extra, masked = fallback_jobs(store, plan)
+            if extra:
+                for did, flags in sorted(masked.items()):
+                    ids = sorted({j.attack_id for j in extra if j.defense.id == did})
+                    if ids:
+                        say(f"masking evidence on {did} ({', '.join(flags)}): fallback attacks "
+                            f"{', '.join(ids)}")
+                plan.jobs.extend(extra)
+                write_plan()
+                shared.update(j.key for j in extra)
+                bar.total = len(plan.jobs)
+                have = finished | written
+                more = list({j.key: j for j in extra if j.key not in have}.values())
+                again = len([j for j in extra if j.key in have])
+                counts["done"] += again
+                counts["resumed"] += again
+                bar.update(again)
+                todo += more
+                run_jobs(more)
         finally:
             bar.close()
-    return RunSummary(out, len(plan.jobs), len(todo), resumed, errors,
+    return RunSummary(out, len(plan.jobs), len(todo), counts["resumed"], counts["errors"],
                       time.perf_counter() - t0, plan.skipped, plan)
 
 

@@ -51,6 +51,9 @@ class Plan:
     #: attack id -> {"direction": "lower" | "raise" | None, "start": "test" | "generated" | None}
     #: (class attributes of density attacks, for rows of jobs that errored).
     attack_info: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    #: the jobs of fallback attacks (``when = "masking"``), not in ``jobs``: the harness adds
+    #: those of the defenses whose first-phase rows show masking (benchmark.report.fallback).
+    fallback: list[JobSpec] = field(default_factory=list)
 
 
 #: appended to an attack's id to name its single-step probe.
@@ -116,6 +119,7 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
     attack_parts = {a.id: fingerprint.attack_part(a.name, attack) for a, attack in attacks}
     threat_parts = {t.name: fingerprint.threat_part(t.name) for t in suite.threat_models}
     jobs: list[JobSpec] = []
+    fallback: list[JobSpec] = []
     skipped: list[dict[str, Any]] = []
     kinds: dict[str, str] = {}
     info = {a.id: {"direction": getattr(attack, "direction", None),
@@ -166,10 +170,14 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                         continue
                     resolved = freeze(fingerprint.resolve(
                         dpart, kwargs, attack_parts[a.id], a.kwargs(), threat_parts[t.name], zoo))
-                    jobs += [JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
-                                     eps=eps, sample_ids=s, shard=i, resolved=resolved,
-                                     **common)  # type: ignore[arg-type]
-                             for i, s in enumerate(shards)]
+                    made = [JobSpec(defense=d, defense_params=params, attack=a, threat=t.name,
+                                    eps=eps, sample_ids=s, shard=i, resolved=resolved,
+                                    **common)  # type: ignore[arg-type]
+                            for i, s in enumerate(shards)]
+                    if a.when is not None:  # a fallback: planned, run only on masking evidence
+                        fallback += made
+                        continue
+                    jobs += made
                     planned.add(a.id)
                     planned_at.add((a.id, eps))
             # the unconstrained probe of every white-box attack that runs here (Pintor et al.)
@@ -206,5 +214,5 @@ def plan_suite(suite: Suite, *, limit: int | None = None,
                                     resolved=resolved, probe=SINGLE_STEP,
                                     **common))  # type: ignore[arg-type]
     del ds
-    return Plan(suite, subset, ids, jobs, skipped, kinds, info)
+    return Plan(suite, subset, ids, jobs, skipped, kinds, info, fallback)
 

@@ -29,6 +29,7 @@ the threat models with their epsilons::
     id = "pgd-ce"
     params = { steps = 50, loss = "ce" }
     # threat_models = ["linf", "l2"]     # restrict (default: all compatible)
+    # when = "masking"                   # a fallback: run on a defense only where masking shows
     # defenses = ["diffpure"]            # restrict to these defense ids (a defense entry
     #                                    # takes attacks = [...] the same way)
     # eps = [0.03]                       # an attack only: restrict to these epsilons (each
@@ -101,6 +102,9 @@ class PluginSpec:
     #: a defense's ``limit``: it is evaluated on the first ``limit`` samples of the subset only
     #: (for defenses too costly for the whole subset in a small suite); None: all of them.
     limit: int | None = None
+    #: an attack's ``when``: None (always run) or ``"masking"`` (a fallback, run on a defense
+    #: only where the first phase's flags show masking: :mod:`benchmark.report.fallback`).
+    when: str | None = None
 
     def kwargs(self, threat: str | None = None) -> dict[str, Any]:
         out = dict(thaw(self.params))
@@ -157,6 +161,8 @@ _SUITE_KEYS = {"name", "dataset", "subset", "seed", "k_draws", "batch_size", "sh
                "dataset_params", "description", "num_cpus", "num_gpus", "job_timeout_s",
                "unconstrained_probe", "single_step_probe"}
 _PLUGIN_KEYS = {"name", "id", "params", "threat_models", "params_by_threat"}
+#: an attack's ``when`` values: ``"masking"``, a fallback run where masking shows.
+WHEN = ("masking",)
 #: per section, the key that restricts an entry to some ids of the other section
 _PAIRING_KEY = {"defenses": "attacks", "attacks": "defenses"}
 _THREAT_KEYS = {"name", "eps"}
@@ -236,7 +242,8 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
         if not isinstance(item, dict):
             raise ctx.error(path, f"expected a table, got {item!r}")
         extra = {_PAIRING_KEY.get(section, "threat_models")} | (
-            {"eps"} if section == "attacks" else {"limit"} if section == "defenses" else set())
+            {"eps", "when"} if section == "attacks" else {"limit"} if section == "defenses"
+            else set())
         ctx.unknown_keys(item, _PLUGIN_KEYS | extra, path)
         name = _typed(ctx, item, "name", path, str, _REQUIRED)
         ident = _typed(ctx, item, "id", path, str, name)
@@ -260,12 +267,16 @@ def _plugins(ctx: _Ctx, doc: dict[str, Any], section: str) -> tuple[PluginSpec, 
                                   or limit < 1):
             raise ctx.error(f"{path}.limit", f"expected an integer >= 1 (the number of samples "
                                              f"this defense is evaluated on), got {limit!r}")
+        when = item.get("when")
+        if when is not None and when not in WHEN:
+            raise ctx.error(f"{path}.when", f"expected one of {', '.join(map(repr, WHEN))} (run "
+                                            f"only where masking shows), got {when!r}")
         specs.append(PluginSpec(ident, name, _frozen(ctx, params, f"{path}.params"),
                                 tuple(tms) if tms is not None else None,
                                 _frozen(ctx, by_threat, f"{path}.params_by_threat"),
                                 tuple(paired) if paired is not None else None,
                                 _attack_eps(ctx, item, path) if section == "attacks" else None,
-                                limit))
+                                limit, when))
     return tuple(specs)
 
 

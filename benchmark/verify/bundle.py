@@ -102,8 +102,13 @@ def _load_run(run: Path) -> tuple[Any, Any]:
         if not (run / name).exists():
             raise BundleError(f"{run} is not a finished genbench run folder: {name} is missing")
     suite = parse_suite((run / "suite.toml").read_text(), source=str(run / "suite.toml"))
-    limit = json.loads((run / "plan.json").read_text()).get("limit")
-    return suite, plan_suite(suite, limit=limit)
+    record = json.loads((run / "plan.json").read_text())
+    plan = plan_suite(suite, limit=record.get("limit"))
+    # the fallbacks the run added on masking evidence are in its plan.json
+    ran = set(record.get("jobs") or [])
+    planned = {j.key for j in plan.jobs}
+    plan.jobs.extend(j for j in plan.fallback if j.key in ran and j.key not in planned)
+    return suite, plan
 
 
 def make_bundle(run: str | Path, out: str | Path) -> dict[str, Any]:
@@ -344,6 +349,12 @@ def _match_plan(plan: Any, content: _Content, source: str, report: Report) -> bo
     """Compare the trusted plan with the bundle's jobs, job by job."""
     from benchmark.spec.suite import canonical_json
 
+    # fallback jobs (``when = "masking"``) the run added on masking evidence: the bundle may
+    # hold the trusted plan's, and they are checked like any job from here on
+    planned = {j.key for j in plan.jobs}
+    fallbacks = [j for j in getattr(plan, "fallback", []) if j.key in content.jobs
+                 and j.key not in planned]
+    plan.jobs.extend(fallbacks)
     trusted: dict[str, Any] = {}
     for job in plan.jobs:  # ids that share a key (same defense, same budgets): the first label
         trusted.setdefault(job.key, job)
@@ -366,8 +377,10 @@ def _match_plan(plan: Any, content: _Content, source: str, report: Report) -> bo
                     f"the same key (first: {trusted[differ[0]].label()})")
     if missing or extra or differ:
         return False
-    report.ok(f"plan: the {len(trusted)} jobs of the trusted plan ({where}) match jobs.json "
-              "job by job")
+    taken = (f", {len({j.key for j in fallbacks})} of them fallbacks run on masking evidence"
+             if fallbacks else "")
+    report.ok(f"plan: the {len(trusted)} jobs of the trusted plan ({where}{taken}) match "
+              "jobs.json job by job")
     return True
 
 
