@@ -513,5 +513,15 @@ class AutoAttack(Attack):
             return [("returned", aa.fab.perturb(x, y))]
         if attack == "square":
             aa.square.seed = seed
-            return [("returned", aa.square.perturb(x, y))]
+            try:
+                return [("returned", aa.square.perturb(x, y))]
+            except RuntimeError as exc:
+                # pyautoattack's Square can be left with an empty working set while it still
+                # loops (seen on a stochastic defense whose logits tie, where its single-pass
+                # bookkeeping goes out of step): its l2 norm then reshapes 0 elements. It
+                # found nothing more: the clean input is its candidate, the selection by K
+                # draws decides as for any candidate.
+                if "0 elements" not in str(exc):
+                    raise
+                return [("returned", x.clone())]
         raise ValueError(f"unknown AutoAttack attack {attack!r} (known: {', '.join(AA_ATTACKS)})")

@@ -178,7 +178,8 @@ class DiffusionClassifier(Defense):
             else:
                 err = self._chunk_error(*args)
             out.append(err)
-        return torch.cat(out)
+        # an empty batch (attack libraries query one when every point is already fooled)
+        return torch.cat(out) if out else xt.new_zeros(0)
 
     def _chunk_error(self, xt: Tensor, t: Tensor, y: Tensor | None, eps: Tensor) -> Tensor:
         pred = self.denoiser.eps(xt, t, y, schedule=self.schedule)

@@ -508,3 +508,24 @@ def test_torchattacks_alpha_scale_follows_the_threat_model():
         TorchAttacks(attack="PGD", steps=20, alpha=0.1, alpha_scale=2.5)
     with pytest.raises(ValueError, match="alpha_scale must be a number > 0, got -1"):
         TorchAttacks(attack="PGD", steps=20, alpha_scale=-1)
+
+
+def test_square_with_an_empty_working_set_offers_the_clean_input(monkeypatch) -> None:
+    """pyautoattack's Square can fail on an empty working set ('... of 0 elements'): the
+    adapter offers the clean input as Square's candidate; any other error propagates."""
+    model, x, y = _linear(classes=10, n=4)
+
+    def empty(self, x, y=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("cannot reshape tensor of 0 elements into shape [0, -1]")
+
+    monkeypatch.setattr("pyautoattack.square.SquareAttack.perturb", empty)
+    aa = AutoAttack(attacks=["square"], n_queries=10, selection="unfiltered")
+    r = aa.run(model, x, y, LinfThreat(0.05), generator=_gen())
+    assert torch.equal(r.x_adv, x)
+
+    def broken(self, x, y=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: something else")
+
+    monkeypatch.setattr("pyautoattack.square.SquareAttack.perturb", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        aa.run(model, x, y, LinfThreat(0.05), generator=_gen())

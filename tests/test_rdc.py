@@ -427,3 +427,8 @@ def test_auto_batch_size_is_one_of_the_probed_sizes(optimal):
     assert dc.denoiser.nfe == nfe  # probing is not counted
     with pytest.raises(ValueError, match="'auto' or an integer >= 1, got 0"):
         DiffusionClassifier(denoiser=optimal.denoiser, rows_per_batch=0)
+
+
+def test_an_empty_batch_gets_empty_logits(optimal):
+    """Attack libraries query an empty batch when every point is already fooled."""
+    assert optimal(torch.zeros(0, 1, 16, 16)).shape == (0, 10)
