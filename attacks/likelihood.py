@@ -73,7 +73,7 @@ from attacks._ascent import (
 from benchmark.api.attack import Attack, AttackResult, Budget
 from benchmark.api.defense import has_capability
 from benchmark.api.threat import ThreatModel
-from benchmark.complexity import dct2
+from benchmark.complexity import dct2, dct_high_freq_energy
 from benchmark.plugins import register_attack
 
 if TYPE_CHECKING:
@@ -116,9 +116,7 @@ def dct_highfreq_norm(x01: Tensor) -> Tensor:
     the scale of log p / D as in the paper's figure 6; ``norm`` has a zero subgradient at
     constant images, where the square root of the energy would not be differentiable).
     """
-    h, w = x01.shape[-2:]
-    hf = dct2(x01)[..., h // 2:, w // 2:]
-    return 2.0 * hf.reshape(hf.shape[0], -1).norm(dim=1)
+    return 2.0 * dct_high_freq_energy(x01, squared=False)
 
 
 # --------------------------------------------------------------------------------------------

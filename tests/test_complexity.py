@@ -92,3 +92,58 @@ def test_png_complexity_orders_constant_smooth_noise():
         png_complexity(noise * 2)
     with pytest.raises(ValueError, match="compress_level"):
         png_complexity(noise, compress_level=12)
+
+
+def _four_kinds() -> dict[str, torch.Tensor]:
+    """Constant, smoothed test, test and uniform-noise images (issue 17's figures)."""
+    import torch.nn.functional as F
+
+    from benchmark.data import load_dataset
+
+    x = load_dataset("digits").test.x[:32]
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    k = (k[:, None] * k[None]) / 256
+    smooth = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k[None, None])
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    return {"constant": torch.full_like(x, 0.5), "smoothed": smooth, "test": x, "noise": noise}
+
+
+def test_spectral_complexity_orders_constant_smooth_test_noise():
+    from benchmark.complexity import spectral_complexity
+
+    c = {k: spectral_complexity(v).mean().item() for k, v in _four_kinds().items()}
+    assert c["constant"] == 0.0
+    assert c["smoothed"] < c["test"] < c["noise"]
+    assert c["noise"] == pytest.approx(0.75, abs=0.05)  # white noise: 3/4 of the AC energy
+    # oracle: one cosine inside the low quarter, one outside
+    img = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    m = dct_matrix(8, dtype=torch.float64)
+    img[0, 0] = 0.3 * torch.outer(m[1], m[2]) + 0.1 * torch.outer(m[6], m[0]) + 0.5
+    assert spectral_complexity(img).item() == pytest.approx(0.01 / (0.09 + 0.01))
+    with pytest.raises(ValueError, match="floating images"):
+        spectral_complexity(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_zlib_complexity_has_no_png_floor():
+    from benchmark.complexity import zlib_complexity
+
+    kinds = _four_kinds()
+    z = {k: zlib_complexity(v).mean().item() for k, v in kinds.items()}
+    p = {k: png_complexity(v).mean().item() for k, v in kinds.items()}
+    assert z["constant"] < 0.1 < 0.28 < p["constant"]  # PNG's header floor, gone
+    assert z["constant"] < z["test"] < z["noise"]
+    assert z["smoothed"] > z["test"]  # at 16 x 16, blurring adds gray levels to code
+    with pytest.raises(ValueError, match="level"):
+        zlib_complexity(kinds["test"], level=10)
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        zlib_complexity(kinds["test"] + 2)
+
+
+def test_the_attack_and_the_module_share_one_high_frequency_norm():
+    from attacks.likelihood import dct_highfreq_norm
+
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(dct_highfreq_norm(x), 2 * dct_high_freq_energy(x, squared=False))
+    const = torch.full((1, 1, 8, 8), 0.5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(dct_high_freq_energy(const, squared=False).sum(), const)
+    assert torch.isfinite(g).all()  # zero-safe at a constant image
