@@ -21,7 +21,7 @@ independent draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -196,10 +196,19 @@ class DiffPure(Defense):
             return int(torch.randint(2**62, (1,)))
         return int(torch.randint(2**62, (1,), generator=g, device=g.device))
 
-    def purify(self, x: Tensor, *, seed: int | None = None) -> Tensor:
-        """One draw of the purified images; ``seed`` replays a draw (same seed, same noise)."""
-        seed = self.draw_seed(x) if seed is None else int(seed)
-        noise = draw_noise(tuple(x.shape), self.steps, seed, x.device, x.dtype)
+    def purify(self, x: Tensor, *, seed: int | Sequence[int] | None = None) -> Tensor:
+        """One draw of the purified images; ``seed`` replays a draw (same seed, same noise).
+        A sequence of ``len(x)`` seeds gives each image the noise its own seed draws for a
+        batch of one, so that draws of single images can be replayed in any batch (DiffHammer
+        replays, per sample, the draw it selected)."""
+        if isinstance(seed, Sequence):
+            if len(seed) != len(x):
+                raise ValueError(f"purify got {len(seed)} seeds for a batch of {len(x)}")
+            noise = torch.cat([draw_noise((1, *x.shape[1:]), self.steps, int(s), x.device,
+                                          x.dtype) for s in seed], dim=1)
+        else:
+            seed = self.draw_seed(x) if seed is None else int(seed)
+            noise = draw_noise(tuple(x.shape), self.steps, seed, x.device, x.dtype)
         return reverse_vp_sde(x, noise, score=self.score, sde=self.sde, t_star=self.t_star,
                               dt=self.dt, context=(2 * x - 1,), checkpoint=self.use_checkpoint)
 

@@ -60,6 +60,7 @@ SMALL_ATTACKS: dict[str, dict[str, Any]] = {
     "scoreag-gat": {"t_star": 0.02, "dt": 0.01, "judge": "digits-cnn"},
     "transfer": {"source": "digits-cnn", "attack": "pgd", "steps": 2},
     "spsa": {"steps": 2, "samples": 4},
+    "diffhammer": {"steps": 2, "n_eval": 2},
 }
 
 #: attacks backed by an optional library: skipped, with the import error, where it is missing
@@ -155,9 +156,17 @@ class NoisyPurifier(Defense):
         self.sigma = sigma
         self.num_classes = 10
 
-    def purify(self, x: Tensor) -> Tensor:
-        noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device,
-                            dtype=x.dtype)
+    def purify(self, x: Tensor, *, seed: int | list[int] | None = None) -> Tensor:
+        """One draw; ``seed`` replays it (an int for the batch, or one seed per image)."""
+        if seed is None:
+            noise = torch.randn(x.shape, generator=self.generator_for(x), device=x.device,
+                                dtype=x.dtype)
+        else:
+            seeds = seed if isinstance(seed, list) else None
+            gens = [torch.Generator().manual_seed(int(s)) for s in (seeds or [seed])]
+            noise = (torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens])
+                     if seeds is not None else torch.randn(x.shape, generator=gens[0]))
+            noise = noise.to(device=x.device, dtype=x.dtype)
         return (x + self.sigma * noise).clamp(0, 1)
 
     def head(self, x: Tensor) -> Tensor:

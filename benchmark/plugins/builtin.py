@@ -35,7 +35,7 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
                "attacks.autoattack", "attacks.torchattacks_adapter", "attacks.exact",
                "attacks.lagrange", "attacks.likelihood", "attacks.flow_pgd", "attacks.pgd_eot",
                "attacks.fixed_noise", "attacks.scoreag_gat", "attacks.transfer",
-               "attacks.spsa"),
+               "attacks.spsa", "attacks.diffhammer"),
     "threat model": ("threat_models.linf", "threat_models.l2", "threat_models.lowfreq",
                      "threat_models.stadv", "threat_models.unrestricted"),
     "dataset": ("benchmark.data.digits", "benchmark.data.cifar10"),
