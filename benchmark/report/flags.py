@@ -80,7 +80,9 @@ FLAG_HELP = {
     "incomplete_optimization": "for at least 10% of the samples this row counts robust, the "
                                "attack's best loss (its curve rescaled to [0, 1]) still rose "
                                "by more than 0.05 over the last tenth of the iterations: more "
-                               "iterations would likely break more (Pintor et al. 2022)",
+                               "iterations would likely break more (Pintor et al. 2022); on a "
+                               "worst case, only samples every white-box attack left robust "
+                               "while still rising count",
     "transfer_failure": "examples that fooled the surrogate the attack optimized (a transfer "
                         "attack's source model, the Lagrange attack's head) do not fool the "
                         "defense: this row measures the surrogate's transferability, not the "
@@ -96,8 +98,11 @@ INCOMPLETE_FRAC = 0.1
 #: mean relative margin change under 8/255 noise (benchmark.run.diagnostics) that flags a
 #: deterministic defense's white-box rows (the digits CNNs: 0.011; rounding to 4 levels: 0.05).
 UNSTABLE_PRED = 0.1
-#: flags that describe one attack row only and are not rolled up to the worst case.
-ROW_ONLY = frozenset({"attack_error", "transfer_failure"})
+#: flags that describe one attack row only and are not rolled up to the worst case
+#: (silent success and incomplete optimization are judged on the worst case's own robust
+#: samples instead: :func:`_worst_case_path`).
+ROW_ONLY = frozenset({"attack_error", "transfer_failure", "silent_success",
+                      "incomplete_optimization"})
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
 BAD_GRAD_FRAC = 0.5
 #: mean pairwise cosine of repeated gradients under which a defense's gradients are "random".
@@ -336,7 +341,37 @@ def _path_indicators(frame: pd.DataFrame, ev: FlagEvidence) -> dict[str, pd.Seri
         out["incomplete_optimization"][idx] = len(rising) >= max(1.0, INCOMPLETE_FRAC * len(held))
         fooled = per.get("source_adversarial", {})
         out["transfer_failure"][idx] = any(fooled.get(s) is True for s in held)
+    _worst_case_path(frame, ev, out)
     return out
+
+
+def _worst_case_path(frame: pd.DataFrame, ev: FlagEvidence, out: dict[str, pd.Series]
+                     ) -> None:
+    """Silent success and incomplete optimization on ``worst_case`` rows, judged on the samples
+    the worst case counts robust (not rolled up blindly: a sample another attack broke is not in
+    doubt). Silent success: an attack of the cell found an adversarial iterate for such a
+    sample (deterministic defenses). Incomplete optimization: every white-box attack of the
+    cell that left the sample robust reports a loss curve, and each is still rising on it (an
+    attack without a curve, e.g. AutoAttack, that agrees is evidence of convergence); flagged
+    on at least 10% of the worst case's robust samples."""
+    cell = ["defense", "defense_params", "threat_model", "eps"]
+    for _, part in _ok(frame).groupby([c for c in cell if c in frame.columns], dropna=False,
+                                      sort=False):
+        for idx in part.index[part["attack"] == WORST]:
+            held = [s for s, ok in ev.robust.get(row_key(frame.loc[idx]), {}).items() if ok]
+            rows = [r for _, r in part.iterrows() if r["attack"] != WORST
+                    and not is_blackbox(r) and not _pins_randomness(r)]
+            if not held or not rows:
+                continue
+            pers = [ev.per_sample.get(row_key(r), {}) for r in rows]
+            if not bool(frame.at[idx, "stochastic"]):
+                out["silent_success"][idx] = any(
+                    p.get("any_adversarial", {}).get(s) is True for p in pers for s in held)
+            doubtful = [s for s in held if all(
+                isinstance(p.get("loss_curve", {}).get(s), list)
+                and still_rising(p["loss_curve"][s]) for p in pers)]
+            out["incomplete_optimization"][idx] = (
+                len(doubtful) >= max(1.0, INCOMPLETE_FRAC * len(held)))
 
 
 def _single_step(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
