@@ -109,6 +109,7 @@ def run_option_warnings(args: argparse.Namespace, suite: Any) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.report.fallback import fallback_jobs
     from benchmark.report.tables import run_progress, write_tables
     from benchmark.run.harness import default_progress, run_suite
     from benchmark.run.lock import run_lock
@@ -127,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 device=args.device, limit=args.limit, fresh=args.fresh,
                                 retry_errors=args.retry_errors, rerun_stale=args.rerun_stale,
                                 progress=progress,
-                                ray_address=getattr(args, "ray_address", None))
+                                ray_address=getattr(args, "ray_address", None),
+                                fallbacks=fallback_jobs)
         tables = write_tables(summary.out, summary.plan)
     print(tables.md.read_text(), end="")
     with Store(summary.out / "runs.sqlite") as store:

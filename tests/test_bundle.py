@@ -168,9 +168,9 @@ def test_bundle_contents_and_round_trip(bundle, tmp_path, capsys):
     rc, out = verify(capsys, bundle, bundle)
     assert rc == 0, out
     assert "PASS  manifest" in out and "every sha256 matches" in out
-    assert "PASS  plan: the 5 jobs of the trusted plan" in out
-    assert "PASS  threat models: 12 adversarial examples re-checked" in out  # 4 of the probe
-    assert "PASS  per-sample outcomes: 20 deterministic scores" in out and "0 near-ties" in out
+    assert "PASS  plan: the 4 jobs of the trusted plan" in out
+    assert "PASS  threat models: 8 adversarial examples re-checked" in out
+    assert "PASS  per-sample outcomes: 16 deterministic scores" in out and "0 near-ties" in out
     assert "PASS  leaderboard.csv: 2 rows, one for each row the trusted plan produces" in out
     assert "PASS  undefended / pgd linf eps=0.1: re-scored" in out
     assert "PASS  undefended / worst_case linf eps=0.1" in out
@@ -180,7 +180,7 @@ def test_bundle_contents_and_round_trip(bundle, tmp_path, capsys):
     assert {"suite.toml", "plan.json", "leaderboard.csv", "outcomes.csv", "jobs.json",
             "environment.json", "manifest.json"} <= names
     advs = sorted(n for n in names if n.startswith("adv/"))
-    assert len(advs) == 3  # one per attack job (two shards of 4, the single-step probe)
+    assert len(advs) == 2  # one per attack job (two shards of 4)
     t = load_file(str(root / advs[0]))
     assert t["x_adv"].dtype == np.float32 and t["x_adv"].shape == (4, 1, 16, 16)
     assert t["sample_ids"].shape == (4,)
@@ -318,9 +318,9 @@ def test_bundle_naming_code_is_rejected_and_the_code_never_runs(
     bad = _forge(bundle, tmp_path, lambda root: _rename_defense(root, name, params))
     # the plan is rebuilt from the trusted suite: the forged jobs are not in it
     rc, out = verify(capsys, bad, bundle)
-    rejected(rc, out, "plan: 5 jobs of the bundle are not in the trusted plan")
+    rejected(rc, out, "plan: 4 jobs of the bundle are not in the trusted plan")
     assert f"(first: defense 'undefended' = {name!r} / attack" in verdict(out)
-    assert "FAIL  plan: 5 of the 5 jobs of the trusted plan" in out
+    assert "FAIL  plan: 4 of the 4 jobs of the trusted plan" in out
     # a reviewer who trusts the bundle's own suite still runs nothing: names resolve to
     # registered plug-ins only
     own = _unpack(bad, tmp_path / "own")
@@ -376,7 +376,7 @@ def test_a_bundle_naming_a_shipped_suite_is_checked_against_it(bundle, tmp_path,
     capsys.readouterr()
     rc = main(["verify", str(bad)])
     out = capsys.readouterr().out
-    rejected(rc, out, "plan: 5 jobs of the bundle are not in the trusted plan (shipped suite "
+    rejected(rc, out, "plan: 4 jobs of the bundle are not in the trusted plan (shipped suite "
                       "'quick', limit 8)")
     assert "FAIL  plan: 75 of the 75 jobs of the trusted plan" in out
 

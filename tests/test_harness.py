@@ -35,8 +35,8 @@ VOLATILE = ["wall_s", "code_version"]
 
 def suite_text(defenses: str, *, attacks: str | None = None, eps: str = "[0.05, 0.1]",
                shard: int = 4, k: int = 3, extra_threats: str = "", probe: int = 0) -> str:
-    """A small suite; the unconstrained probe is off unless ``probe`` samples are asked for
-    (the tests that count jobs count the suite's own)."""
+    """A small suite; the unconstrained and single-step probes are off unless ``probe``
+    samples are asked for (the tests that count jobs count the suite's own)."""
     attacks = attacks or '[[attacks]]\nname = "pgd"\nparams = { steps = 5, restarts = 1 }\n'
     return f"""
 [suite]
@@ -48,6 +48,7 @@ k_draws = {k}
 batch_size = 50
 shard_size = {shard}
 unconstrained_probe = {probe}
+single_step_probe = {probe}
 
 {defenses}
 

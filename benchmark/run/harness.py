@@ -21,7 +21,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmark.report.fallback import fallback_jobs
 from benchmark.run.executors import make_executor
 from benchmark.run.lock import run_lock
 from benchmark.spec.fingerprint import KEY_VERSION
@@ -66,18 +65,28 @@ def _check_key_version(store: Store, stored: list[dict[str, Any]], db: Path,
     store.set_meta("job_key_version", str(KEY_VERSION))
 
 
+#: ``(store, plan) -> (fallback jobs to run, defense id -> the flags that called for them)``
+FallbackRule = Callable[[Store, Plan], tuple[list[JobSpec], dict[str, list[str]]]]
+
+
 def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
               workers: int | None = None, device: str | None = None, limit: int | None = None,
               fresh: bool = False, retry_errors: bool = False, rerun_stale: bool = False,
               progress: str = "bar",
               ray_address: str | None = None,
-              log: Callable[[str], None] | None = None) -> RunSummary:
+              log: Callable[[str], None] | None = None,
+              fallbacks: FallbackRule | None = None) -> RunSummary:
     """Run (or resume) a suite into ``out``: ``runs.sqlite`` (the store), the effective
     ``suite.toml`` and ``plan.json``. Tables are derived afterwards by
     :func:`benchmark.report.tables.write_tables`.
 
     ``retry_errors`` recomputes stored jobs that errored; ``rerun_stale`` recomputes stored jobs
-    whose code version (:func:`benchmark.version.code_version` when they ran) is not today's."""
+    whose code version (:func:`benchmark.version.code_version` when they ran) is not today's.
+
+    ``fallbacks(store, plan) -> (jobs, evidence)`` decides, after every ordinary job has run,
+    which of ``plan.fallback`` (attacks with ``when = "masking"``) to run too (the CLI passes
+    :func:`benchmark.report.fallback.fallback_jobs`; the run layer does not read flags
+    itself); None runs none."""
     t0 = time.perf_counter()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
@@ -86,13 +95,14 @@ def run_suite(suite: Suite, out: str | Path, *, executor: str = "local",
     with run_lock(out):
         return _run_locked(suite, out, t0=t0, say=say, executor=executor, workers=workers,
                            device=device, limit=limit, fresh=fresh, retry_errors=retry_errors,
-                           rerun_stale=rerun_stale, progress=progress, ray_address=ray_address)
+                           rerun_stale=rerun_stale, progress=progress, ray_address=ray_address,
+                           fallbacks=fallbacks)
 
 
 def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None],
                 executor: str, workers: int | None, device: str | None, limit: int | None,
                 fresh: bool, retry_errors: bool, rerun_stale: bool, progress: str,
-                ray_address: str | None) -> RunSummary:
+                ray_address: str | None, fallbacks: FallbackRule | None) -> RunSummary:
     ex = make_executor(executor, workers=workers, device=device, ray_address=ray_address,
                        num_cpus=suite.num_cpus, num_gpus=suite.num_gpus,
                        job_timeout_s=suite.job_timeout_s)
@@ -160,7 +170,8 @@ def _run_locked(suite: Suite, out: Path, *, t0: float, say: Callable[[str], None
         try:
             run_jobs(todo)
             # phase 2: the fallbacks of the defenses whose rows now show masking
-            extra, masked = fallback_jobs(store, plan)
+            extra, masked = (fallbacks(store, plan) if fallbacks is not None and plan.fallback
+                             else ([], {}))
             if extra:
                 for did, flags in sorted(masked.items()):
                     ids = sorted({j.attack_id for j in extra if j.defense.id == did})
