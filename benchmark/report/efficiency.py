@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.report.evidence import WORST, FlagEvidence, row_key
+from benchmark.report.plots import save_percent_plot, slug
 
 #: the tolerance of :func:`converged_at` (a share: 1 point).
 CONVERGED_TOL = 0.01
@@ -95,17 +96,11 @@ def write_efficiency_plots(table: pd.DataFrame, out: Path) -> list[str]:
                             label=f"{r['defense']} / {r['attack']} eps={r['eps']:g}")
             ax.plot([r["converged_at"]], [curve[min(r["converged_at"], len(curve) - 1)]],
                     marker="o", color=line.get_color())
-        ax.set_xlabel("attack evaluations (iterates, restarts concatenated)")
-        ax.set_ylabel("samples not yet fooled, attack's own verdict (%)")
-        ax.set_ylim(-2, 102)
-        ax.set_title(f"attack efficiency: {tm} (dot: within 1 point of the end)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
-        fig.tight_layout()
-        name = f"efficiency_{''.join(c if c.isalnum() else '_' for c in str(tm))}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
-        written.append(f"plots/{name}")
+        written.append(save_percent_plot(
+            fig, ax, out, f"efficiency_{slug(str(tm))}.png",
+            xlabel="attack evaluations (iterates, restarts concatenated)",
+            ylabel="samples not yet fooled, attack's own verdict (%)",
+            title=f"attack efficiency: {tm} (dot: within 1 point of the end)", legend_size=6))
     return written
 
 

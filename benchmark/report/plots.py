@@ -22,7 +22,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,28 @@ __all__ = ["write_density_plots"]
 _COLORS = {"clean": "#9e9e9e", "start": "#1f77b4", "after": "#d62728"}
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` as a file-name part (runs of other characters become ``_``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def save_percent_plot(fig: Any, ax: Any, out: Path, name: str, *, title: str, xlabel: str,
+                      ylabel: str, legend_size: int = 8) -> str:
+    """Finish a plot of percentages (y from -2 to 102, a light grid, the legend where there
+    are lines), save it as ``out/name`` and close it; returns ``plots/name``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:  # a partial or failed run may have nothing to plot yet
+        ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / name)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f"plots/{name}"
 
 
 def _figure(n_panels: int, *, ncols: int = 3, size: float = 3.6
@@ -89,7 +109,7 @@ def _scatter(data: DensityData, thresholds: dict[str, float], out: Path) -> list
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{did}: likelihood vs complexity")
-        path = out / f"logp_vs_complexity_{_slug(did)}.png"
+        path = out / f"logp_vs_complexity_{slug(did)}.png"
         fig.savefig(path, dpi=90)
         written.append(path)
     return written
@@ -119,7 +139,7 @@ def _convergence(data: DensityData, out: Path) -> list[Path]:
         ax.set_title(f"{aid}: convergence")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        path = out / f"convergence_{_slug(aid)}.png"
+        path = out / f"convergence_{slug(aid)}.png"
         fig.savefig(path, dpi=90)
         written.append(path)
     return written
@@ -150,7 +170,7 @@ def _nll_vs_eps(frame: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(f"{aid} ({direction} likelihood)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        path = out / f"nll_vs_eps_{_slug(str(aid))}_{_slug(str(threat))}.png"
+        path = out / f"nll_vs_eps_{slug(str(aid))}_{slug(str(threat))}.png"
         fig.savefig(path, dpi=90)
         written.append(path)
     return written

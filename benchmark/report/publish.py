@@ -38,6 +38,7 @@ from benchmark.report.cells import all_code_versions, is_number, pct
 from benchmark.report.efficiency import efficiency_csv, efficiency_table, write_efficiency_plots
 from benchmark.report.evidence import WORST, collect_evidence
 from benchmark.report.flags import FLAG_HELP
+from benchmark.report.plots import save_percent_plot, slug
 
 DEFAULT_DEST = "leaderboard"
 
@@ -183,7 +184,7 @@ def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                               disable_numparse=True))
         if not part["complete"].all():
             parts.append(f"\n{NOT_RANKED_NOTE}")
-        plot = f"plots/robust_vs_eps_{_slug(str(tm))}.png"
+        plot = f"plots/robust_vs_eps_{slug(str(tm))}.png"
         if plot in plots:
             parts.append(f"\n![robust accuracy vs epsilon, {md_escape(tm)}]({plot})")
         parts.append("")
@@ -401,10 +402,6 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
 
 # -- plots ----------------------------------------------------------------------------------
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
 def write_plots(table: pd.DataFrame, out: Path) -> list[str]:
     """Worst-case robust accuracy vs epsilon per defense, one PNG per threat model."""
     import matplotlib
@@ -427,18 +424,9 @@ def write_plots(table: pd.DataFrame, out: Path) -> list[str]:
             high = 100 * np.concatenate([[clean], rows["robust_high"].to_numpy(float)])
             line, = ax.plot(eps, acc, marker="o", label=str(defense))
             ax.fill_between(eps, low, high, alpha=0.15, color=line.get_color())
-        ax.set_xlabel(f"epsilon ({tm})")
-        ax.set_ylabel("robust accuracy, worst case (%)")
-        ax.set_ylim(-2, 102)
-        ax.set_title(f"robust accuracy vs epsilon: {tm}")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a partial or failed run may have no worst case to plot yet
-            ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        name = f"robust_vs_eps_{_slug(str(tm))}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
-        written.append(f"plots/{name}")
+        written.append(save_percent_plot(
+            fig, ax, out, f"robust_vs_eps_{slug(str(tm))}.png", xlabel=f"epsilon ({tm})",
+            ylabel="robust accuracy, worst case (%)", title=f"robust accuracy vs epsilon: {tm}"))
     return written
 
 
@@ -456,7 +444,7 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
     with Store(run / "runs.sqlite") as store:
         progress = run_progress(store, plan)
         efficiency = efficiency_table(frame, collect_evidence(store, plan))
-    out = Path(dest) / _slug(plan.suite.name)
+    out = Path(dest) / slug(plan.suite.name)
     out.mkdir(parents=True, exist_ok=True)
     table = ranked(frame, kinds)
     # object dtype, so that write_csv neutralizes formulas also in pandas 3 string columns
