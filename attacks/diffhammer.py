@@ -117,7 +117,8 @@ class DiffHammer(Attack):
         step = self.step_ratio * threat.eps
 
         def seeds_for_batch() -> list[int]:  # one seed per sample: draws replay per sample
-            return torch.randint(2**62, (b,), generator=generator).tolist()
+            where = generator.device if generator is not None else torch.device("cpu")
+            return torch.randint(2**62, (b,), generator=generator, device=where).tolist()
 
         def graft(p: Tensor, draw: list[int], cls_grad: Tensor | None) -> Tensor:
             """The gradient w.r.t. ``p`` through the purification draws ``draw`` (a seed per

@@ -45,7 +45,9 @@ def spsa_gradient(loss: Callable[[Tensor], Tensor], x: Tensor, *, delta: float, 
     at least one), perturbed points clamped to [0, 1]. ``loss`` maps (N, ...) images to (N,)."""
     b = x.shape[0]
     pairs = max(1, samples // 2)
-    v = torch.randint(0, 2, (pairs, *x.shape), generator=generator, device="cpu"
+    # drawn where the generator lives (the harness's is on the job's device)
+    where = generator.device if generator is not None else x.device
+    v = torch.randint(0, 2, (pairs, *x.shape), generator=generator, device=where
                       ).to(device=x.device, dtype=x.dtype).mul_(2).sub_(1)
     plus = (x[None] + delta * v).clamp(0.0, 1.0).reshape(-1, *x.shape[1:])
     minus = (x[None] - delta * v).clamp(0.0, 1.0).reshape(-1, *x.shape[1:])
