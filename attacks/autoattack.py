@@ -5,6 +5,8 @@ This is the AutoAttack of record. The adapter pins what the reference protocol n
 * ``version="auto"`` resolves per defense: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) for a
   deterministic defense, ``rand`` (APGD-CE + APGD-DLR with EOT 20) for a stochastic one;
   ``attacks=[...]`` runs a custom subset (``version="custom"``);
+* ``eot_draws`` overrides the version's EOT draws per APGD gradient (``rand``: 20), for an
+  evaluation at a stated reduced budget;
 * ``n_iter`` (APGD, FAB) and ``n_queries`` (Square) override the library's 100 / 5000; APGD's
   step-size checkpoints are rescaled with ``n_iter`` exactly as the library does for a
   fresh ``APGDAttack(n_iter=...)``;
@@ -308,7 +310,7 @@ class AutoAttack(Attack):
     def __init__(self, *, version: str = "auto", attacks: list[str] | None = None,
                  n_iter: int = 100, n_queries: int = 5000, batch_size: int = 500,
                  selection: str = "auto", select_draws: int = 10, verbose: bool = False,
-                 forward: ForwardHook | None = None) -> None:
+                 eot_draws: int | None = None, forward: ForwardHook | None = None) -> None:
         check_choice(version, "version", VERSIONS)
         if attacks is not None:
             if version not in ("auto", "custom"):
@@ -338,6 +340,8 @@ class AutoAttack(Attack):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.selection = selection
         self.select_draws = check_positive_int(select_draws, "select_draws")
+        self.eot_draws = None if eot_draws is None else check_positive_int(eot_draws,
+                                                                            "eot_draws")
         self.verbose = check_bool(verbose, "verbose")
         self._forward = forward
         self._resolved: str | None = None
@@ -361,6 +365,7 @@ class AutoAttack(Attack):
         latest ``run`` (``standard`` before any run)."""
         version = self._resolved or (self.version if self.version != "auto" else "standard")
         restarts, draws = VERSION_BUDGETS[version]
+        draws = draws if self.eot_draws is None else self.eot_draws
         return Budget(steps=self.n_iter, restarts=restarts, eot_draws=draws)
 
     def config(self) -> dict[str, Any]:
@@ -368,7 +373,7 @@ class AutoAttack(Attack):
         return {"version": self.version, "attacks": self.attacks, "n_iter": self.n_iter,
                 "n_queries": self.n_queries, "batch_size": self.batch_size,
                 "selection": self.selection, "select_draws": self.select_draws,
-                "verbose": self.verbose}
+                "eot_draws": self.eot_draws, "verbose": self.verbose}
 
     def _check_classes(self, version: str, classes: int) -> None:
         attacks = set(self.attacks or ()) if version == "custom" else {
@@ -396,6 +401,8 @@ class AutoAttack(Attack):
                 setattr(sub, attr, getattr(ref, attr))
         aa.fab.n_iter = self.n_iter
         aa.square.n_queries = self.n_queries
+        if self.eot_draws is not None:  # the version's EOT (rand: 20) at a reduced budget
+            aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = self.eot_draws
 
     def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             generator: torch.Generator | None = None) -> AttackResult:
@@ -442,6 +449,7 @@ class AutoAttack(Attack):
             "attacks": attacks,
             "n_iter": self.n_iter,
             "n_queries": self.n_queries,
+            "eot_draws": int(aa.apgd.eot_iter),
             "seed": seed,
             **picked,
             "forward_calls": view.calls,

@@ -37,7 +37,9 @@ class PGDEOT(Attack):
     """
 
     name: ClassVar[str] = "pgd-eot"
-    threat_models: ClassVar[frozenset[str] | None] = frozenset({"linf", "l2"})
+    # lowfreq: DiffBreak's low-frequency attack on purification is PGD-EOT in DCT coefficients
+    # (the step is step_ratio times the pixel-space bound, per coefficient, as for l-inf)
+    threat_models: ClassVar[frozenset[str] | None] = frozenset({"linf", "l2", "lowfreq"})
 
     def __init__(self, *, steps: int = 200, eot_draws: int = 20,
                  step_ratio: float = LEE_KIM_STEP_RATIO, loss: str = "ce",

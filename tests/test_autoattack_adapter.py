@@ -116,6 +116,27 @@ def test_auto_resolves_to_rand_for_a_stochastic_defense() -> None:
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_eot_draws_overrides_the_versions_eot_and_is_counted() -> None:
+    """A reduced-budget rand (issue 16's equal-NFE rows): the library's APGD runs eot_draws
+    gradient draws per iteration, as the budget and the gradient-call count say."""
+    model, x, y = _linear(n=4)
+    defense = NoisyLinear(model.weight, model.bias, sigma=0.05)
+    calls = {}
+    for draws in (None, 3):
+        defense.reseed(0)
+        aa = AutoAttack(n_iter=4, eot_draws=draws)
+        r = aa.run(defense, x, y, LinfThreat(0.05), generator=_gen())
+        calls[draws] = r.grad_evals
+        assert r.extras["eot_draws"] == (20 if draws is None else draws)
+        assert aa.budget == Budget(steps=4, restarts=1, eot_draws=20 if draws is None else 3)
+    # APGD-CE and APGD-DLR: (1 + n_iter) gradient steps, each of eot_draws draws
+    assert calls[None] == 2 * 5 * 20 and calls[3] == 2 * 5 * 3
+    with pytest.raises(ValueError, match="eot_draws must be an integer >= 1, got 0"):
+        AutoAttack(eot_draws=0)
+    config = AutoAttack(eot_draws=2).config()
+    assert config["eot_draws"] == 2 and AutoAttack(**config).config() == config
+
+
 @pytest.mark.parametrize("version", ["standard", "plus", "rand"])
 def test_version_budgets_match_the_library(version: str) -> None:
     model, _, _ = _linear()
