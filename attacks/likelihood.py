@@ -125,22 +125,52 @@ def dct_highfreq_norm(x01: Tensor) -> Tensor:
 class _Ascent:
     """Adam ascent on a per-sample objective with a projection after every step, the best
     iterate per sample and a recorded curve: the paper's optimizer on the attacks' shared loop
-    (:func:`attacks._ascent.ascend`)."""
+    (:func:`attacks._ascent.ascend`).
 
-    def __init__(self, *, steps: int, lr: float, record_every: int) -> None:
+    With ``check`` (a per-sample score of an iterate, no gradient: the reported log p) every
+    ``check_every``-th iterate and the last are also scored by ``check``, and the best iterate
+    *by that score* is returned instead of the best by the objective (the start is checked
+    too, so the returned point never scores below it on the check's own draws)."""
+
+    def __init__(self, *, steps: int, lr: float, record_every: int, check_every: int = 0
+                 ) -> None:
         self.steps, self.lr, self.record_every = steps, lr, record_every
+        self.check_every = check_every
 
     def run(self, objective: Callable[[Tensor], Tensor], p0: Tensor,
-            project: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Returns (best parameter, its objective, curve (R, B), curve steps)."""
+            project: Callable[[Tensor], Tensor],
+            check: Callable[[Tensor], Tensor] | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, list[int], Tensor | None]:
+        """Returns (best parameter, its objective, curve (R, B), curve steps, its check score
+        or None). With ``check`` the best parameter is the best by the check, and "its
+        objective" is that iterate's objective."""
         p = project(p0.detach().clone()).requires_grad_(True)
         opt = torch.optim.Adam([p], lr=self.lr)
         best = KeepBest(p)  # float64 scores; non-finite values never win
         curve = Curve(self.steps, self.record_every)
+        checked = KeepBest(p) if check is not None and self.check_every > 0 else None
+        objective_of_checked = torch.full((p.shape[0],), float("-inf"), dtype=torch.float64,
+                                          device=p.device)
+
+        def observe(step: int, value: Tensor, grad: Tensor | None) -> None:
+            nonlocal objective_of_checked
+            curve(step, value, grad)
+            if checked is None or check is None:
+                return
+            if step % self.check_every == 0 or step == self.steps:
+                # the optimizer's leaf holds the iterate just evaluated (updates are in place)
+                with torch.no_grad():
+                    won = checked.update(p, check(p.detach()))
+                objective_of_checked = torch.where(won, value.detach().double(),
+                                                   objective_of_checked)
+
         # Adam minimizes: the gradient of -sum(objective), then the clip onto the set
         ascend(lambda q: (objective(q), None), p, optimizer_update(opt, p, project),
-               steps=self.steps, best=best, descent=True, observe=curve)
-        return best.params, best.score, curve.stack(), curve.steps_at
+               steps=self.steps, best=best, descent=True, observe=observe)
+        if checked is not None:
+            return (checked.params, objective_of_checked, curve.stack(), curve.steps_at,
+                    checked.score)
+        return best.params, best.score, curve.stack(), curve.steps_at, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,11 +192,15 @@ class LikelihoodAttack(Attack):
     objective_name: ClassVar[str] = "attack_log_prob(x) / D (nats/dim, [0, 1] coordinates)"
 
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PIXEL_LR,
-                 record_every: int = 1) -> None:
+                 record_every: int = 1, check_every: int = 0) -> None:
         self.steps = check_positive_int(steps, "steps")
         self.lr = check_real(lr, "lr", low=0.0, low_open=True,
                              expected="a finite learning rate > 0")
         self.record_every = check_positive_int(record_every, "record_every")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an integer >= 0 (0: no check against the "
+                             f"reported log p), got {check_every!r}")
+        self.check_every = check_every
 
     @property
     def budget(self) -> Budget:
@@ -197,14 +231,27 @@ class LikelihoodAttack(Attack):
         def project(p: Tensor) -> Tensor:
             return torch.minimum(torch.maximum(p, lo), hi)
 
-        opt = _Ascent(steps=self.steps, lr=self.lr, record_every=self.record_every)
-        x_adv, best, curve, at = opt.run(lambda p: self._objective(defense, p), x_start, project)
-        extras = self._extras(x_start, best, curve, at)
+        opt = self._ascent()
+        x_adv, best, curve, at, checked = opt.run(
+            lambda p: self._objective(defense, p), x_start, project,
+            check=lambda p: _density(defense).log_prob(p) / _dim(defense, p))
+        extras = self._extras(x_start, best, curve, at, checked)
         return AttackResult(x_adv.detach(), grad_evals=self.steps, extras=extras)
 
-    def _extras(self, x_start: Tensor, best: Tensor, curve: Tensor, at: list[int]
-                ) -> dict[str, Any]:
-        return {
+    def _ascent(self) -> _Ascent:
+        return _Ascent(steps=self.steps, lr=self.lr, record_every=self.record_every,
+                       check_every=self.check_every)
+
+    def checks(self) -> int:
+        """Reported-log-p evaluations per run: the start, every ``check_every``-th iterate and
+        the last (0 without checks)."""
+        if self.check_every <= 0:
+            return 0
+        return len(set(range(0, self.steps + 1, self.check_every)) | {self.steps})
+
+    def _extras(self, x_start: Tensor, best: Tensor, curve: Tensor, at: list[int],
+                checked: Tensor | None = None) -> dict[str, Any]:
+        out = {
             "x_start": x_start.detach(),
             "curve": curve,
             "curve_steps": at,
@@ -212,11 +259,21 @@ class LikelihoodAttack(Attack):
             "direction": self.direction,
             "objective": self.objective_name,
         }
+        if checked is not None:
+            out["checked_log_prob"] = checked.float().cpu()  # reported log p / D, its own draws
+            out["checks"] = self.checks()
+        return out
 
 
 def _density(defense: nn.Module) -> DensityDefense:
     """The defense as the density contract (checked by ``incompatibility`` before use)."""
     return cast("DensityDefense", defense)
+
+
+def _attack_solver(defense: nn.Module) -> Any:
+    """The solver the defense's attack objective uses (``attack_log_prob``'s): the terms of
+    the prior-only attack come from the same one."""
+    return getattr(defense, "attack_solver", "fast")
 
 
 def _dim(defense: nn.Module, x: Tensor) -> int:
@@ -277,8 +334,8 @@ class HighComplexityAttack(NearSampleAttack):
                                      " (nats/dim + lam * DCT norm)")
 
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PIXEL_LR, lam: float = 1.0,
-                 record_every: int = 1) -> None:
-        super().__init__(steps=steps, lr=lr, record_every=record_every)
+                 record_every: int = 1, check_every: int = 0) -> None:
+        super().__init__(steps=steps, lr=lr, record_every=record_every, check_every=check_every)
         self.lam = check_real(lam, "lam", low=0.0,
                               expected="a finite weight >= 0 (the paper's lambda = 1; a "
                                        "negative weight would reward low complexity)")
@@ -325,8 +382,8 @@ class RandomRegionAttack(LikelihoodAttack):
 
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PIXEL_LR,
                  region_eps: float = REGION_EPS, start_std: float = START_STD,
-                 record_every: int = 1) -> None:
-        super().__init__(steps=steps, lr=lr, record_every=record_every)
+                 record_every: int = 1, check_every: int = 0) -> None:
+        super().__init__(steps=steps, lr=lr, record_every=record_every, check_every=check_every)
         self.region_eps = check_real(region_eps, "region_eps", low=0.0, high=1.0,
                                      low_open=True,
                                      expected="an l-inf radius in (0, 1] (the paper's 0.16 "
@@ -342,9 +399,9 @@ class RandomRegionAttack(LikelihoodAttack):
     def _bounds(self, x_start: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
         return _box_around(x_start, self.region_eps)
 
-    def _extras(self, x_start: Tensor, best: Tensor, curve: Tensor, at: list[int]
-                ) -> dict[str, Any]:
-        out = super()._extras(x_start, best, curve, at)
+    def _extras(self, x_start: Tensor, best: Tensor, curve: Tensor, at: list[int],
+                checked: Tensor | None = None) -> dict[str, Any]:
+        out = super()._extras(x_start, best, curve, at, checked)
         out["region_eps"] = self.region_eps
         return out
 
@@ -352,8 +409,9 @@ class RandomRegionAttack(LikelihoodAttack):
 @register_attack("ll-prior-only")
 class PriorOnlyAttack(RandomRegionAttack):
     """Random-region prior-only attack: the random-region setting with only the prior term
-    ``P(x) = log p1(x1(x))`` of ``log_prob_terms(x, solver="fast")`` as objective (divided by
-    D), dropping the divergence integral. Needs the ``log_prob_terms`` capability.
+    ``P(x) = log p1(x1(x))`` of ``log_prob_terms(x, solver=...)`` with the defense's attack
+    solver as objective (divided by D), dropping the divergence integral. Needs the
+    ``log_prob_terms`` capability.
 
     Paper (figure 1f, figure 5): converges far better than the random-region attack and
     reaches higher log p^ODE, the integral term rising along with the prior.
@@ -361,10 +419,11 @@ class PriorOnlyAttack(RandomRegionAttack):
 
     name: ClassVar[str] = "ll-prior-only"
     requires: ClassVar[frozenset[str]] = frozenset({"kind:density", "log_prob_terms"})
-    objective_name: ClassVar[str] = 'log_prob_terms(x, solver="fast")["prior"] / D (nats/dim)'
+    objective_name: ClassVar[str] = ('log_prob_terms(x, solver=attack solver)["prior"] / D '
+                                     "(nats/dim)")
 
     def _objective(self, defense: nn.Module, x: Tensor) -> Tensor:
-        terms = _density(defense).log_prob_terms(x, solver="fast")
+        terms = _density(defense).log_prob_terms(x, solver=_attack_solver(defense))
         return terms["prior"] / _dim(defense, x)
 
 
@@ -377,7 +436,7 @@ class ReverseIntegrationAttack(LikelihoodAttack):
     """Reverse-integration attack: optimize the latent x1, integrate the PF ODE backwards.
 
     The objective is the paper's eq. 6, ``log p(solver^-1(x1)) = I(x1) + P(x1)``, as returned
-    by ``sample_from_latent(x1, solver="fast")`` (divided by D); Adam on x1 with the paper's
+    by ``sample_from_latent(x1)`` with the attack solver (divided by D); Adam on x1 with the paper's
     lr 0.003 (the latent is not a pixel, so no unit conversion). Needs the
     ``sample_from_latent`` capability.
 
@@ -401,13 +460,13 @@ class ReverseIntegrationAttack(LikelihoodAttack):
     name: ClassVar[str] = "ll-reverse"
     requires: ClassVar[frozenset[str]] = frozenset({"kind:density", "sample_from_latent"})
     threat_models: ClassVar[frozenset[str] | None] = frozenset({"unrestricted"})
-    objective_name: ClassVar[str] = ('sample_from_latent(x1, solver="fast") logp / D '
+    objective_name: ClassVar[str] = ('sample_from_latent(x1) logp / D '
                                      "- box_penalty * mean squared box excess (nats/dim)")
 
     def __init__(self, *, steps: int = PAPER_STEPS, lr: float = PAPER_LR,
                  init: str = "encoding", latent_std: float = 1.0, box_penalty: float = 0.0,
-                 record_every: int = 1) -> None:
-        super().__init__(steps=steps, lr=lr, record_every=record_every)
+                 record_every: int = 1, check_every: int = 0) -> None:
+        super().__init__(steps=steps, lr=lr, record_every=record_every, check_every=check_every)
         self.init = check_choice(init, "init", REVERSE_INITS,
                                  note="the test image's latent, or a draw from the prior")
         self.latent_std = check_real(latent_std, "latent_std", low=0.0,
@@ -434,7 +493,7 @@ class ReverseIntegrationAttack(LikelihoodAttack):
         return (x0 - x0.clamp(0.0, 1.0)).abs()
 
     def _latent_objective(self, defense: nn.Module, x1: Tensor) -> Tensor:
-        x0, logp = _density(defense).sample_from_latent(x1, solver="fast")
+        x0, logp = _density(defense).sample_from_latent(x1)  # the attack solver
         value = logp / _dim(defense, x1)
         if self.box_penalty > 0:
             value = value - self.box_penalty * self._excess(x0).pow(2).flatten(1).mean(1)
@@ -446,21 +505,26 @@ class ReverseIntegrationAttack(LikelihoodAttack):
         if reason is not None:
             raise TypeError(reason)
         x = x.detach()
+        density = _density(defense)
         if self.init == "encoding":
-            x1_start = _density(defense).encode(x, solver="fast")[0].detach()
+            x1_start = density.encode(x)[0].detach()  # the attack solver
         else:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x1_start = self.latent_std * noise
-        opt = _Ascent(steps=self.steps, lr=self.lr, record_every=self.record_every)
-        x1, best, curve, at = opt.run(lambda p: self._latent_objective(defense, p), x1_start,
-                                      lambda p: p)
+
+        def check(x1: Tensor) -> Tensor:  # the reported log p of the clamped decoded image
+            x0 = density.sample_from_latent(x1)[0].clamp(0.0, 1.0)
+            return density.log_prob(x0) / _dim(defense, x0)
+
+        x1, best, curve, at, checked = self._ascent().run(
+            lambda p: self._latent_objective(defense, p), x1_start, lambda p: p, check=check)
         with torch.no_grad():
             if self.init == "encoding":
                 x0_start = x
             else:
-                x0_start, _ = _density(defense).sample_from_latent(x1_start, solver="fast")
-            x0, latent_logp = _density(defense).sample_from_latent(x1, solver="fast")
-        extras = self._extras(x0_start.clamp(0.0, 1.0), best, curve, at)
+                x0_start, _ = density.sample_from_latent(x1_start)
+            x0, latent_logp = density.sample_from_latent(x1)
+        extras = self._extras(x0_start.clamp(0.0, 1.0), best, curve, at, checked)
         extras.update(latent=x1.detach(), latent_logp=latent_logp.detach().float().cpu(),
                       box_excess=self._excess(x0).flatten(1).amax(1).float().cpu())
         return AttackResult(x0.clamp(0.0, 1.0).detach(), grad_evals=self.steps, extras=extras)

@@ -84,13 +84,16 @@ class Solver:
 
     ``method``: a torchdiffeq fixed-grid method (``"rk4"`` is torchdiffeq's 3/8-rule RK4,
     ``"midpoint"``, ``"euler"``); ``step``: the grid step; ``fresh_noise``: draw a new
-    Hutchinson z at every step (and per sample) instead of one fixed z for the integration.
+    Hutchinson z at every step (and per sample) instead of one fixed z for the integration;
+    ``differentiable``: keep the graph (attack objectives) or integrate without gradient, in
+    chunks (reporting); default: differentiable exactly when the z is fixed.
     """
 
     name: str
     step: float
     fresh_noise: bool
     method: str = "rk4"
+    differentiable: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _EVALS_PER_STEP:
@@ -99,16 +102,21 @@ class Solver:
         if (isinstance(self.step, bool) or not isinstance(self.step, int | float)
                 or not math.isfinite(self.step) or self.step <= 0):
             raise ValueError(f"solver {self.name!r} needs a finite step > 0, got {self.step!r}")
+        if self.differentiable is None:  # frozen: set the resolved default once
+            object.__setattr__(self, "differentiable", not self.fresh_noise)
 
     @property
     def evals_per_step(self) -> int:
         return _EVALS_PER_STEP[self.method]
 
 
-#: the paper's two solvers (appendix A.2).
+#: the paper's two solvers (appendix A.2), and ``fast-fresh``: the fast grid with a fresh
+#: Hutchinson z at every step and for every sample of every call, differentiable (an attack
+#: objective that cannot over-fit one fixed probe; see ``attacks/likelihood.py``).
 SOLVERS: dict[str, Solver] = {
     "fast": Solver("fast", step=0.05, fresh_noise=False),
     "accurate": Solver("accurate", step=0.001, fresh_noise=True),
+    "fast-fresh": Solver("fast-fresh", step=0.05, fresh_noise=True, differentiable=True),
 }
 
 
@@ -399,7 +407,7 @@ class PFODEDensity(DensityDefense):
         :meth:`log_prob_terms` (default: the attack solver, differentiable; the reverse
         integration attack starts from the latent of a test image)."""
         s = self._solver(solver, self.attack_solver)
-        if not s.fresh_noise:
+        if s.differentiable:
             return self._encode(x, s, graph=True)
         with torch.no_grad():
             return self._encode(x, s, graph=False)
@@ -425,10 +433,11 @@ class PFODEDensity(DensityDefense):
         """``{"logp", "integral", "prior"}``, each (B,), with ``logp = prior + integral``.
 
         The reporting solver (default) runs without gradient, in chunks; a solver with a fixed
-        z (``fast``) keeps the graph, so attacks can use any term (the prior-only attack).
+        z (``fast``) or a differentiable one (``fast-fresh``) keeps the graph, so attacks can
+        use any term (the prior-only attack).
         """
         s = self._solver(solver, self.report_solver)
-        if not s.fresh_noise:
+        if s.differentiable:
             return self._terms(x, s, graph=True)
         self._check(x)
         parts: list[dict[str, Tensor]] = []
@@ -454,7 +463,7 @@ class PFODEDensity(DensityDefense):
         if not torch.isfinite(x1).all():
             raise ValueError("x1 has non-finite values")
         nfe0 = self.denoiser.nfe
-        graph = not s.fresh_noise
+        graph = bool(s.differentiable)
         with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
             x0, acc = self._integrate(x1, s, reverse=True, graph=graph)
             # integrating from t1 down to t0 accumulates -int_{t0}^{t1} div f dt

@@ -250,6 +250,51 @@ def test_result_contract(cls):
     assert ATTACKS.get(cls.name) is cls
 
 
+class MisleadingObjective(GaussianDensity):
+    """A density whose attack objective points the wrong way (-log p): the no-transfer failure
+    in its purest form (an objective that rises while the reported likelihood falls)."""
+
+    def attack_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.log_prob(x)
+
+
+def test_checks_against_the_reported_log_p_keep_the_best_reported_iterate():
+    a = full_gaussian(4)
+    defense = MisleadingObjective(a.flow.A, a.flow.b.reshape(SHAPE))
+    x = sample_images(defense, 4)
+    threat = LinfThreat(0.03)
+    blind = NearSampleAttack(steps=20).run(defense, x, torch.zeros(4), threat)
+    assert bool((defense.log_prob(blind.x_adv) < defense.log_prob(x)).all())  # no transfer
+    assert "checked_log_prob" not in blind.extras
+    checked = NearSampleAttack(steps=20, check_every=5)
+    assert checked.checks() == 5  # steps 0, 5, 10, 15, 20
+    res = checked.run(defense, x, torch.zeros(4), threat)
+    # the start is checked and wins: the reported log p never falls below it
+    assert torch.equal(res.x_adv, x)
+    torch.testing.assert_close(res.extras["checked_log_prob"],
+                               (defense.log_prob(x) / D).float())
+    assert res.extras["checks"] == 5
+    # the "objective of the checked iterate" is the start's, not the blind run's best
+    torch.testing.assert_close(res.extras["best_objective"], (-defense.log_prob(x) / D).float())
+    assert NearSampleAttack(steps=7, check_every=3).checks() == 4  # 0, 3, 6 and 7
+    with pytest.raises(ValueError, match="check_every must be an integer >= 0.*got -1"):
+        NearSampleAttack(check_every=-1)
+
+
+def test_checks_follow_a_faithful_objective_to_the_same_optimum():
+    defense = full_gaussian(5)
+    x = sample_images(defense, 3)
+    plain = NearSampleAttack(steps=30).run(defense, x, torch.zeros(3), LinfThreat(0.03))
+    res = NearSampleAttack(steps=30, check_every=10).run(defense, x, torch.zeros(3),
+                                                          LinfThreat(0.03))
+    # on a deterministic density the last iterate is the best by both: the same point
+    torch.testing.assert_close(res.x_adv, plain.x_adv)
+    rev = ReverseIntegrationAttack(steps=10, check_every=5).run(
+        defense, x, torch.zeros(3), UnrestrictedThreat())
+    before = defense.log_prob(x) / D
+    assert bool((rev.extras["checked_log_prob"] >= before.float() - 1e-6).all())
+
+
 def test_generated_starts_depend_on_the_generator():
     defense = full_gaussian(9)
     x = sample_images(defense, 2)
@@ -337,3 +382,51 @@ def test_flows_lack_the_parts_prior_only_and_reverse_need():
     msg = ReverseIntegrationAttack().incompatibility(flow, UnrestrictedThreat())
     assert msg is not None and "sample_from_latent" in msg
     assert NearSampleAttack().incompatibility(flow, LinfThreat(0.03)) is None
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the PF-ODE detector on Gaussian data (issue 17, item 6)
+# --------------------------------------------------------------------------------------------
+PF_SHAPE = (1, 2, 2)
+
+
+def _pf_ode_gaussian() -> tuple[object, object, GaussianDensity]:
+    """PFODEDensity over the analytic denoiser of N(mu, Sigma) (model space), its exact prior,
+    a 10-step attack solver; and the exact data density at t0 in [0, 1] coordinates as a
+    GaussianDensity (the box-QP oracle's input)."""
+    from benchmark.zoo.analytic import GaussianDenoiser
+    from benchmark.zoo.schedules import SubVPSDE
+    from defenses.pfode import PFODEDensity, Solver
+
+    g = gen(11)
+    mu = 0.3 * torch.randn(PF_SHAPE, generator=g, dtype=F64)
+    a = 0.3 * torch.randn(4, 4, generator=g, dtype=F64)
+    sigma = a @ a.T + 0.1 * torch.eye(4, dtype=F64)
+    gauss = GaussianDenoiser(mu, sigma)
+    sde = SubVPSDE()
+    pf = PFODEDensity(denoiser=gauss, schedule=sde,
+                      attack_solver=Solver("coarse", step=0.1, fresh_noise=False),
+                      prior=lambda x1: gauss.log_prob_marginal(x1, sde.t1, schedule=sde))
+    at, st = sde.alpha_sigma(torch.tensor([sde.t0], dtype=F64))
+    cov01 = (at**2 * sigma + st**2 * torch.eye(4, dtype=F64)) / 4
+    exact = GaussianDensity(torch.linalg.cholesky(cov01), (at * mu + 1) / 2)
+    return pf, sde, exact
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.name)
+def test_every_attack_raises_the_exact_log_p_through_the_pf_ode(cls):
+    pf, _, exact = _pf_ode_gaussian()
+    x = exact.flow.sample(3, generator=gen(12)).reshape(3, *PF_SHAPE).clamp(0.05, 0.95)
+    threat = LinfThreat(0.03) if cls.start == "test" else UnrestrictedThreat()
+    res = cls(steps=10, lr=0.003 if cls is not ReverseIntegrationAttack else 0.05).run(
+        pf, x, torch.zeros(3), threat, generator=gen(13))
+    start = res.extras["x_start"]
+    gain = exact.log_prob(res.x_adv) - exact.log_prob(start)
+    if cls is HighComplexityAttack:
+        # it trades likelihood for high frequencies (lam = 1): its exact objective rises
+        gain = gain / 4 + dct_highfreq_norm(res.x_adv) - dct_highfreq_norm(start)
+    assert bool((gain > 0).all()), (cls.name, gain)
+    if cls is NearSampleAttack:  # within 5% of the box-constrained optimum's gain
+        lo, hi = (x - 0.03).clamp(0, 1), (x + 0.03).clamp(0, 1)
+        ratio = gain_ratio(exact, x, res.x_adv, box_qp_max_logp(exact, lo, hi))
+        assert bool((ratio > 0.95).all()), ratio

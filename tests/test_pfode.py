@@ -110,6 +110,32 @@ def test_hutchinson_is_an_estimate_for_full_covariance():
     assert not torch.allclose(hutch, exact, atol=1e-3)  # off-diagonal terms enter z^T J z
 
 
+def test_fast_fresh_draws_new_probes_per_call_is_unbiased_and_differentiable():
+    """The ``fast-fresh`` attack solver (issue 17): a new Hutchinson z per step and sample of
+    every call, so no attack can over-fit one probe; its mean is the exact-trace value of the
+    same grid, and the graph is kept (attacks differentiate it)."""
+    gauss = _gaussian((1, 2, 2), diagonal=False)
+    x = _images(2, (1, 2, 2))
+    exact = _defense(gauss, divergence="exact").attack_log_prob(x)
+    fixed = _defense(gauss)
+    assert torch.equal(fixed.attack_log_prob(x), fixed.attack_log_prob(x))  # one fixed z
+    d = _defense(gauss, attack_solver="fast-fresh")
+    assert SOLVERS["fast-fresh"].differentiable and not SOLVERS["accurate"].differentiable
+    d.reseed(0)
+    assert not torch.equal(d.attack_log_prob(x), d.attack_log_prob(x))  # new z every call
+    # 256 copies of each image in one batch: 256 independent estimates (z per sample)
+    draws = d.attack_log_prob(x.repeat_interleave(256, 0)).view(2, 256).T
+    spread = draws.std(0) / math.sqrt(len(draws))
+    assert bool(((draws.mean(0) - exact).abs() <= 4 * spread + 1e-9).all()), (draws.mean(0), exact)
+    assert bool((draws.std(0) > 1e-3).all())  # an estimate, not the exact trace
+    q = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(d.attack_log_prob(q).sum(), q)
+    assert torch.isfinite(g).all() and bool((g != 0).any())
+    # the terms of a differentiable fresh solver keep the graph too (the prior-only attack)
+    terms = d.log_prob_terms(q, solver="fast-fresh")
+    assert terms["prior"].requires_grad
+
+
 def test_default_prior_is_the_standard_normal_of_the_latent():
     gauss = _gaussian((1, 2, 2), diagonal=False)
     x = _images(3, (1, 2, 2))
