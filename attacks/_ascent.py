@@ -176,6 +176,11 @@ class KeepBest:
         self.first = torch.full((b,), -1, dtype=torch.long, device=p0.device)
         self.offered = 0
 
+    def skip(self) -> None:
+        """Count an iterate that was not evaluated (``first`` indices stay the iterate's
+        index: an attack that never evaluates its start skips evaluation 0)."""
+        self.offered += 1
+
     def update(self, p: Tensor, score: Tensor, success: Tensor | None = None) -> Tensor:
         """Offer iterate ``p`` with per-sample ``score`` (and ``success`` flags, required with
         ``track_success``); returns the mask of samples whose best changed."""

@@ -155,6 +155,10 @@ class DiffHammer(Attack):
 
         p = threat.init(x, generator, random=True)
         best = KeepBest(p, track_success=True)
+        # the random start is never evaluated (the first step follows one fresh draw): the
+        # evidence counts it as evaluation 0, so index i is the iterate after i steps, as for
+        # PGD (and the efficiency curves compare like with like)
+        best.skip()
         curve = LossCurve(LOSS_CURVE_BINS)
         attack_seeds, em_grad, past = seeds_for_batch(), None, None
         for it in range(self.steps):

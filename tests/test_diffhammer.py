@@ -51,6 +51,11 @@ def test_diffhammer_breaks_a_noisy_purifier_within_the_threat(threat):
     fooled = torch.stack([defense(res.x_adv).argmax(1) != y for _ in range(9)]).float().mean(0)
     assert (fooled > 0.5).float().mean() >= 0.5, fooled
     assert res.evidence["loss_curve"].shape == (6, 8)
+    # evidence indices count the (unevaluated) start as evaluation 0: S steps, S + 1 iterates
+    first = res.evidence["first_adversarial"]
+    assert bool(((first == -1) | ((first >= 1) & (first <= 8))).all())
+    assert bool((first[res.evidence["any_adversarial"]] >= 1).all())
+    assert bool(res.evidence["any_adversarial"].any())
     again = attack.run(defense, x, y, threat, generator=torch.Generator().manual_seed(2))
     assert torch.equal(again.x_adv, res.x_adv)  # the generator decides every draw
 
