@@ -57,6 +57,7 @@ __all__ = [
     "FlowPGD",
     "FlowPGDIn",
     "FlowPGDOOD",
+    "FlowUniform",
     "adversarial_training_alpha",
     "pope_tradeoff",
     "simulate_adversarial_training",
@@ -71,14 +72,16 @@ class FlowPGD(Attack):
 
     ``steps`` signed (l-inf) or normalized (l2) gradient steps of ``step_size`` (absolute, in
     [0, 1] pixel units; ``None``: the threat's ``2.5 eps / steps``), from a uniform random
-    start in the ball (``random_start``) or from the start itself. Subclasses fix the start
-    (``start``: "test" image or "generated" noise) and ``direction``: "lower" minimizes the
-    likelihood, "raise" maximizes it.
+    start in the ball (``random_start``) or from the start itself; ``restarts`` runs (the
+    later ones from random points of the ball), the best iterate over all of them returned.
+    Subclasses fix the start (``start``: "test" image or "generated" noise) and
+    ``direction``: "lower" minimizes the likelihood, "raise" maximizes it.
 
     ``extras``: ``x_start`` (what the threat model is checked against, and the "before"
     point), ``curve`` ((R, B) float: the objective ``+-attack_log_prob / D`` in nats/dim, sign
     chosen so the attacker maximizes it, at ``curve_steps``: every ``record_every``-th step and
-    the last), ``best_objective``, ``direction``, ``objective``. ``grad_evals = steps``.
+    the last; with restarts, the best over them per step), ``best_objective``, ``direction``,
+    ``objective``. ``grad_evals = steps * restarts``.
     """
 
     name: ClassVar[str] = "flow-pgd"
@@ -88,16 +91,17 @@ class FlowPGD(Attack):
     start: ClassVar[str] = "test"
 
     def __init__(self, *, steps: int = DEFAULT_STEPS, step_size: float | None = None,
-                 random_start: bool = True, record_every: int = 1) -> None:
+                 random_start: bool = True, restarts: int = 1, record_every: int = 1) -> None:
         self.steps = check_positive_int(steps, "steps")
         self.step_size = check_real(step_size, "step_size", low=0.0, low_open=True,
                                     none_ok=True)
         self.random_start = check_bool(random_start, "random_start")
+        self.restarts = check_positive_int(restarts, "restarts")
         self.record_every = check_positive_int(record_every, "record_every")
 
     @property
     def budget(self) -> Budget:
-        return Budget(steps=self.steps)
+        return Budget(steps=self.steps, restarts=self.restarts)
 
     @property
     def objective_name(self) -> str:
@@ -125,25 +129,32 @@ class FlowPGD(Attack):
         def objective(p: Tensor) -> tuple[Tensor, None]:
             return sign * density.attack_log_prob(threat.apply(x_start, p)) / d, None
 
-        p = threat.init(x_start, generator, random=self.random_start)
-        best = KeepBest(p)  # float64 scores; non-finite values never win
-        curve = Curve(self.steps, self.record_every)
-        ascend(objective, p, threat_update(threat, x_start, step), steps=self.steps, best=best,
-               observe=curve)
+        best: KeepBest | None = None
+        curves = []
+        for r in range(self.restarts):
+            # restarts after the first always start at a random point of the ball
+            p = threat.init(x_start, generator, random=self.random_start or r > 0)
+            best = best if best is not None else KeepBest(p)  # non-finite values never win
+            curve = Curve(self.steps, self.record_every)
+            ascend(objective, p, threat_update(threat, x_start, step), steps=self.steps,
+                   best=best, observe=curve)
+            curves.append(curve)
+        assert best is not None
         best_p = best.params
         with torch.no_grad():
             x_adv = threat.apply(x_start, best_p)
         extras: dict[str, Any] = {
             "x_start": x_start,
-            "curve": curve.stack(),
-            "curve_steps": curve.steps_at,
+            # per step, the best objective over the restarts (their envelope)
+            "curve": torch.stack([c.stack() for c in curves]).amax(dim=0),
+            "curve_steps": curves[0].steps_at,
             "best_objective": best.score.float().cpu(),
             "direction": self.direction,
             "objective": self.objective_name,
             "step_size": step,
         }
-        return AttackResult(x_adv.detach(), params=best_p.detach(), grad_evals=self.steps,
-                            extras=extras)
+        return AttackResult(x_adv.detach(), params=best_p.detach(),
+                            grad_evals=self.steps * self.restarts, extras=extras)
 
 
 @register_attack("flow-pgd-in")
@@ -168,6 +179,53 @@ class FlowPGDOOD(FlowPGD):
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+@register_attack("flow-uniform")
+class FlowUniform(Attack):
+    """Pope et al.'s baseline for the in-distribution attack: the test image plus uniform noise
+    filling the threat's l-inf ball, ``clamp(x + U(-eps, eps)^D, 0, 1)`` (drawn from the
+    generator). A random perturbation of the attack's size: PGD's damage is measured against
+    it (a detector robust to this but not to PGD is not robust to its budget). ``samples``
+    draws per image, the one with the lowest likelihood returned (1: the plain baseline).
+    Direction "lower", as ``flow-pgd-in``; no gradient (``grad_evals = 0``)."""
+
+    name: ClassVar[str] = "flow-uniform"
+    requires: ClassVar[frozenset[str]] = frozenset({"kind:density"})
+    threat_models: ClassVar[frozenset[str] | None] = frozenset({"linf"})
+    direction: ClassVar[str] = "lower"
+    start: ClassVar[str] = "test"
+    objective_name: ClassVar[str] = "-log_prob(x) / D (nats/dim, [0, 1] coordinates)"
+
+    def __init__(self, *, samples: int = 1) -> None:
+        self.samples = check_positive_int(samples, "samples")
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(steps=0, restarts=self.samples)
+
+    def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+            generator: torch.Generator | None = None) -> AttackResult:
+        reason = self.incompatibility(defense, threat)
+        if reason is not None:
+            raise TypeError(reason)
+        eps = float(threat.eps)
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"{self.name}: the l-inf radius must be in (0, 1] for images in "
+                             f"[0, 1], got threat eps={eps!r}")
+        density = cast("DensityDefense", defense)
+        d = int(getattr(defense, "dim", 0) or 0) or x[0].numel()
+        x = x.detach()
+        best = KeepBest(torch.zeros_like(x))
+        with torch.no_grad():
+            for _ in range(self.samples):
+                u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                delta = threat.apply(x, (2 * u - 1) * eps) - x  # clamped to the box
+                best.update(delta, -density.log_prob(x + delta) / d)
+            x_adv = x + best.params
+        return AttackResult(x_adv, grad_evals=0, extras={
+            "x_start": x, "best_objective": best.score.float().cpu(),
+            "direction": self.direction, "objective": self.objective_name})
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.flow_pgd import FlowPGD, FlowPGDIn, FlowPGDOOD
+from attacks.flow_pgd import FlowPGD, FlowPGDIn, FlowPGDOOD, FlowUniform
 from benchmark.plugins.builtin import ATTACKS
 from benchmark.zoo.flows import dequantize
 from tests.toys import gen, single_thread
@@ -81,6 +81,43 @@ def test_more_budget_hurts_more(flow, digits):
         bpd = [float(flow.bits_per_dim(FlowPGDIn(steps=5, random_start=False).run(
             flow, x, torch.zeros(4), LinfThreat(e)).x_adv).mean()) for e in (0.005, 0.02)]
     assert bpd[1] > bpd[0] > float(flow.bits_per_dim(x).mean())
+
+
+def test_restarts_keep_the_best_of_every_run(flow, digits):
+    """Restarts (issue 17: attacks at a strength that can be believed): each sample gets the
+    best of its runs, so more restarts never do worse on the same first run."""
+    x = digits[:4]
+    with single_thread():
+        one = FlowPGDOOD(steps=3).run(flow, x, torch.zeros(4), LinfThreat(0.05),
+                                      generator=gen(4))
+        three = FlowPGDOOD(steps=3, restarts=3).run(flow, x, torch.zeros(4), LinfThreat(0.05),
+                                                    generator=gen(4))
+    # the same noise (drawn first) and the same first run: three restarts can only add
+    assert torch.equal(one.extras["x_start"], three.extras["x_start"])
+    assert bool((three.extras["best_objective"] >= one.extras["best_objective"]).all())
+    assert bool((three.extras["best_objective"] > one.extras["best_objective"]).any())
+    assert three.grad_evals == 9 and FlowPGDOOD(restarts=3).budget.restarts == 3
+    assert three.extras["curve"].shape == one.extras["curve"].shape == (4, 4)
+    with pytest.raises(ValueError, match="restarts must be an integer >= 1, got 0"):
+        FlowPGDIn(restarts=0)
+
+
+def test_uniform_baseline_fills_the_ball_and_pgd_beats_it(flow, digits):
+    x = digits[:4]
+    eps = 0.02
+    with single_thread():
+        base = FlowUniform().run(flow, x, torch.zeros(4), LinfThreat(eps), generator=gen(5))
+        best8 = FlowUniform(samples=8).run(flow, x, torch.zeros(4), LinfThreat(eps),
+                                           generator=gen(5))
+        pgd = FlowPGDIn(steps=10).run(flow, x, torch.zeros(4), LinfThreat(eps), generator=gen(5))
+        bpd = {k: flow.bits_per_dim(r.x_adv) for k, r in
+               {"base": base, "best8": best8, "pgd": pgd}.items()}
+    assert LinfThreat(eps).check(x, base.x_adv) is None
+    assert float((base.x_adv - x).abs().max()) > 0.9 * eps  # it fills the ball
+    assert bool((bpd["best8"] >= bpd["base"] - 1e-6).all())  # the first draw is among the 8
+    assert bool((bpd["pgd"] > bpd["best8"]).all())  # the gradient beats random noise
+    assert base.grad_evals == 0 and base.extras["direction"] == "lower"
+    assert ATTACKS.get("flow-uniform") is FlowUniform
 
 
 def test_l2_geometry_and_step_size(flow, digits):

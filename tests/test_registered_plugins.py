@@ -54,6 +54,7 @@ SMALL_ATTACKS: dict[str, dict[str, Any]] = {
     "ll-unrestricted": {"steps": 2},
     "flow-pgd-in": {"steps": 2},
     "flow-pgd-ood": {"steps": 2},
+    "flow-uniform": {"samples": 2},
     "pgd-eot": {"steps": 2, "eot_draws": 2},
     "fixed-noise": {"attack": "pgd", "steps": 2},
     # 2 guided reverse-SDE steps of the zoo denoiser, judged by the zoo's digits-cnn

@@ -6,8 +6,10 @@ metric uses. On top of the :class:`benchmark.api.defense.Defense` contract it pr
 
 * ``dim``: D, the number of dimensions of one image;
 * ``bpd_offset``: the constant of the bits-per-dimension convention,
-  ``bpd = -log p / (D ln 2) + bpd_offset`` (8 for data on [0, 1]: 8-bit NLL of uniformly
-  dequantized images; 7 for data on [-1, 1]);
+  ``bpd = -log p / (D ln 2) + bpd_offset`` (8 for data on [0, 1]: the 8-bit NLL convention
+  of uniformly dequantized images; 7 for data on [-1, 1]). The harness scores images as
+  given, not dequantized (the digits are not 8-bit data), so the bits/dim it reports are
+  those of the *continuous* density at the pixel values, not an 8-bit NLL;
 * ``attack_log_prob(x)``: the differentiable log-likelihood attacks optimize. For exact-density
   models (flows) this is ``log_prob``; for the PF-ODE detector it is the cheap ``fast`` solver,
   while ``log_prob`` (what is reported) uses the ``accurate`` one;
