@@ -119,3 +119,35 @@ def test_a_bundle_with_fallbacks_verifies(ran, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "of them fallbacks run on masking evidence" in text
+    assert "fallbacks: every defense that shows masking (quantize) has the trusted plan's" in text
+
+
+def test_a_bundle_that_omits_owed_fallbacks_is_refused(ran, tmp_path, capsys):
+    """A run whose harness skipped the fallbacks (an old genbench, or a submitter who dropped
+    them to keep a higher worst case): its own table is consistent, but its outcomes show
+    masking and the trusted plan owes fallback jobs on that defense, so verify refuses it."""
+    import shutil
+    import sqlite3
+
+    from benchmark.report.tables import write_tables
+
+    run = tmp_path / "run"
+    shutil.copytree(ran / "run", run)
+    with sqlite3.connect(run / "runs.sqlite") as db:
+        keys = [k for (k,) in db.execute(
+            "select key from jobs where attack in ('spsa', 'transfer')")]
+        assert keys
+        db.executemany("delete from samples where job = ?", [(k,) for k in keys])
+        db.executemany("delete from jobs where key = ?", [(k,) for k in keys])
+    record = json.loads((run / "plan.json").read_text())
+    record["jobs"] = [k for k in record["jobs"] if k not in keys]
+    (run / "plan.json").write_text(json.dumps(record))
+    write_tables(run, load_plan(run))  # the run's own table, without the fallbacks
+    out = tmp_path / "bundle.tar.gz"
+    assert main(["submit", "--run", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc = main(["verify", str(out), "--suite", str(ran / "suite.toml"), "--trust-code"])
+    text = capsys.readouterr().out
+    assert rc != 0, text
+    assert "fallbacks: defense 'quantize' shows masking (bad_gradients" in text
+    assert "2 fallback jobs of the trusted plan on it are missing" in text

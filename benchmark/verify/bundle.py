@@ -425,10 +425,12 @@ def _exact_counts(defense: Any, x: Any, y: Any, k: int, num_classes: int, batch_
 def _leaderboard(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
                  recorded: dict[str, dict[int, tuple[int, str]]],
                  counts: dict[str, dict[int, int]] | None = None,
-                 defense_k: dict[str, tuple[int, bool]] | None = None) -> Any:
+                 defense_k: dict[str, tuple[int, bool]] | None = None,
+                 extras: dict[str, dict[str, Any]] | None = None) -> Any:
     """The leaderboard of the plan's classifier jobs, by the leaderboard's own code, from the
     bundle's recorded outcomes (with its K), or, with ``counts``, from the re-scored ones where
-    there are some (with the rebuilt defense's K)."""
+    there are some (with the rebuilt defense's K). ``extras``: job key -> the extras to store
+    with it (the verifier's own diagnostics; a bundle's are never read)."""
     from benchmark.report.leaderboard import build_leaderboard
     from benchmark.spec.jobs import JobResult, SampleOutcome
     from benchmark.store import Store
@@ -454,9 +456,61 @@ def _leaderboard(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
                 grad_evals=int(job.get("grad_evals") or 0),
                 nfe_per_pred=float(nfe) if isinstance(nfe, int | float) else math.nan,
                 stochastic=stochastic, budget=job["budget"],
-                plugin_versions={str(a): str(b) for a, b in job["plugin_versions"].items()}),
+                plugin_versions={str(a): str(b) for a, b in job["plugin_versions"].items()},
+                extras=(extras or {}).get(key, {})),
                 str(job.get("code_version") or "verify"))
         return build_leaderboard(store, plan)
+
+
+def _check_fallbacks(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
+                     content: _Content, cache: Any, report: Report) -> None:
+    """The fallbacks the bundle owes: where a defense shows masking, the trusted plan's
+    fallback jobs of that defense must be in the bundle, as the harness would have run them.
+    The evidence is the bundle's recorded outcomes (``blackbox_beats_whitebox``,
+    ``unconstrained_attack_failure``) and the verifier's *own* gradient diagnostics of the
+    rebuilt defense on its first clean shard (``bad_gradients``, ``unstable_predictions``,
+    computed as the runner computes them; a bundle carries no diagnostics, and a
+    submitter's would not be evidence)."""
+    import torch
+
+    from benchmark.api.defense import describe
+    from benchmark.report.fallback import masked_defenses
+    from benchmark.run.diagnostics import safe_diagnostics
+    from benchmark.run.runner import shard_data
+    from benchmark.store import Store
+
+    if not getattr(plan, "fallback", None):
+        return
+    owing = {j.defense.id for j in plan.fallback}
+    cpu = torch.device("cpu")
+    extras: dict[str, dict[str, Any]] = {}
+    for key, (spec, job) in jobs.items():
+        if (spec.is_clean and spec.shard == 0 and spec.defense.id in owing
+                and job["status"] == "done"):
+            defense = spec.build_defense(cache, cpu)
+            spec.settle_randomness(defense, cpu)
+            x, y, _ = shard_data(spec, cpu)
+            _, stochastic, _ = describe(defense)
+            extras[key] = {"grad_diagnostics": [safe_diagnostics(defense, x, y,
+                                                                 stochastic=stochastic)]}
+    _leaderboard(store_path, plan, jobs, content.outcomes, extras=extras)
+    with Store(store_path) as store:
+        masked = masked_defenses(store, plan)
+    owed = {d: [j for j in plan.fallback if j.defense.id == d and j.key not in content.jobs]
+            for d in masked}
+    owed = {d: jobs for d, jobs in owed.items() if jobs}
+    for d, missing in sorted(owed.items()):
+        report.fail(f"fallbacks: defense {d!r} shows masking ({', '.join(masked[d])}: its "
+                    f"recorded outcomes and the verifier's own gradient diagnostics), but "
+                    f"{len(missing)} fallback jobs of the trusted plan on it are missing from "
+                    f"the bundle (first: {missing[0].label()}): its worst case rests on the "
+                    "misled attacks alone")
+    if masked and not owed:
+        report.ok(f"fallbacks: every defense that shows masking ({', '.join(sorted(masked))}) "
+                  "has the trusted plan's fallback jobs")
+    elif not masked:
+        report.ok("fallbacks: no defense shows masking (recorded outcomes, the verifier's own "
+                  "gradient diagnostics): none are owed")
 
 
 def _test_draws(jobs: dict[str, tuple[Any, Any]], stochastic_draws: dict[str, Any],
@@ -721,6 +775,7 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
     from benchmark.report.evidence import row_key
 
     recorded_frame = _leaderboard(tmp / "recorded.sqlite", plan, jobs, content.outcomes)
+    _check_fallbacks(tmp / "fallbacks.sqlite", plan, jobs, content, cache, report)
     rescored_rows = {}
     if counts:
         rescored_rows = {row_key(r): r for _, r in _leaderboard(
