@@ -390,3 +390,21 @@ eps = [0.03137254901960784]
     frame = __import__("pandas").read_csv(write_tables(summary.out, summary.plan).csv)
     assert frame.error.isna().all(), frame.error.tolist()
     assert (frame.n == 2).all() and set(frame.defense) == {"diffpure"}
+
+
+def test_dc_and_the_pfode_detector_take_the_adapter() -> None:
+    from defenses.pfode import PFODEDensity, Solver
+    from defenses.rdc import DiffusionClassifier
+
+    cond = EpsAdapter(_unet(num_class_embeds=11), call="diffusers", num_classes=10,
+                      null_class=10, in_channels=3, image_size=32)
+    dc = DiffusionClassifier(denoiser=cond, timesteps=2, rows_per_batch=20)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert dc(x).shape == (1, 10)
+    assert cond.nfe == 1  # 2 timesteps x 10 classes in one batch of 20 rows
+    coarse = Solver("coarse", step=0.5, fresh_noise=False, method="euler")
+    pf = PFODEDensity(denoiser=cond, schedule="vp", attack_solver=coarse, report_solver=coarse)
+    with torch.no_grad():
+        lp = pf.log_prob(x)
+    assert lp.shape == (1,) and torch.isfinite(lp).all()
