@@ -8,7 +8,8 @@
 #   4. the same quick run under the process executor, its worker pinned to the GPU.
 #
 #   scripts/gpu_check.sh                       # on the GPU machine; exits 2 without CUDA
-#   scripts/gpu_check.sh --device cpu --quick  # dry run of every step on any machine (tiny sizes)
+#   scripts/gpu_check.sh --device cpu --quick  # dry run of every step on any machine: tiny sizes,
+#                                              # and a two-defense suite in place of `quick`
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), OUT (default a temporary
 # folder; the run folders, logs and throughput.json stay there).
@@ -45,11 +46,40 @@ fi
 
 OUT="${OUT:-$(mktemp -d -t genbench-gpu-check-XXXXXX)}"
 mkdir -p "$OUT"
+SUITE=quick
 if [ "$QUICK" = 1 ]; then
   LIMIT=2; BATCHES=1,4; SECONDS_PER=0.05; TP_FLAGS="--quick"; STEP_TIMEOUT=300
   TESTS=(tests/test_external_models.py)
+  SUITE="$OUT/mini.toml"  # the quick suite takes minutes on a CPU: the dry run checks the wiring
+  cat >"$SUITE" <<'TOML'
+[suite]
+name = "gpu-check-mini"
+dataset = "digits"
+subset = "test100-v1"
+k_draws = 2
+batch_size = 2
+shard_size = 2
+unconstrained_probe = 0
+single_step_probe = 0
+
+[[defenses]]
+name = "undefended"
+
+[[defenses]]
+name = "diffpure"
+params = { t_star = 0.01, dt = 0.005 }
+
+[[attacks]]
+name = "pgd-eot"
+params = { steps = 2, eot_draws = 1 }
+
+[[threat_models]]
+name = "linf"
+eps = [0.1]
+TOML
 else
-  LIMIT=16; BATCHES=256,1024,4096; SECONDS_PER=2; TP_FLAGS=""; STEP_TIMEOUT=150
+  # each step is stopped after 100 s (the summary says so), so the whole check stays near 5 min
+  LIMIT=16; BATCHES=256,1024,4096; SECONDS_PER=1; TP_FLAGS=""; STEP_TIMEOUT=100
   TESTS=(tests/test_external_models.py
          tests/test_autoattack_adapter.py::test_attacks_run_on_cuda_with_a_cuda_generator
          tests/test_harness.py::test_run_refuses_a_device_it_cannot_use)
@@ -71,16 +101,16 @@ step() {  # step NAME COMMAND...: run it with a timeout, log it, record ok/FAIL 
 }
 
 step tests "$PYTHON" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
-step quick-local "$PYTHON" -m benchmark.cli run --suite quick --device "$DEVICE" \
+step quick-local "$PYTHON" -m benchmark.cli run --suite "$SUITE" --device "$DEVICE" \
   --limit "$LIMIT" --out "$OUT/quick-local" --progress plain
 step throughput "$PYTHON" -m benchmark.verify.throughput --device "$DEVICE" $TP_FLAGS \
   --batches "$BATCHES" --dtypes fp32,bf16 --seconds "$SECONDS_PER" --json "$OUT/throughput.json"
 if [ "$DEVICE" = cuda ]; then
   step quick-process env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}" "$PYTHON" -m \
-    benchmark.cli run --suite quick --executor process --device cuda --limit "$LIMIT" \
+    benchmark.cli run --suite "$SUITE" --executor process --device cuda --limit "$LIMIT" \
     --out "$OUT/quick-process" --progress plain
 else
-  step quick-process "$PYTHON" -m benchmark.cli run --suite quick --executor process \
+  step quick-process "$PYTHON" -m benchmark.cli run --suite "$SUITE" --executor process \
     --workers 1 --device cpu --limit "$LIMIT" --out "$OUT/quick-process" --progress plain
 fi
 
