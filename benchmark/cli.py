@@ -16,7 +16,8 @@ from benchmark.plugins.registry import PluginLoadError, UnknownNameError
 
 EXIT_BAD_INPUT = 2
 COMMAND_MODULES = ("benchmark.report.compare", "benchmark.report.publish",
-                   "benchmark.verify.conformance", "benchmark.verify.bundle")
+                   "benchmark.verify.conformance", "benchmark.verify.bundle",
+                   "benchmark.zoo.user")
 EXIT_INTERRUPTED = 130
 #: `genbench run` finished, wrote its tables, but some jobs are error rows.
 EXIT_JOB_ERRORS = 1
@@ -49,9 +50,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "models":
         from benchmark.zoo import get_entry, list_models
 
+        # name, dataset, sha256 prefix, format, where it is registered (zoo: the shipped manifest)
         for name in list_models():
             entry = get_entry(name)
-            print(f"{name}\t{entry.dataset}\t{entry.sha256[:12]}")
+            print(f"{name}\t{entry.dataset}\t{entry.sha256[:12]}\t{entry.format}\t"
+                  f"{entry.source or 'zoo'}")
         return 0
     # one line per plug-in: name, module:qualname, file:line of its definition, dist==version
     reg = _registries()[args.what]
@@ -243,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Adversarial-robustness benchmark for generative-model defenses."))
     sub = p.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("list", help="list registered plug-ins, suites, zoo models or the "
-                                     "validity flags")
+    ls = sub.add_parser("list", help="list registered plug-ins, suites, models (zoo and "
+                                     "user-registered) or the validity flags")
     ls.add_argument("what", choices=["defenses", "attacks", "threat-models", "suites", "models",
                                      "datasets", "trainable", "flags"])
     ls.set_defaults(func=cmd_list)
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmark.spec.suite import SuiteError
     from benchmark.store import StoreError
+    from benchmark.zoo import ZooError
 
     try:
         return int(args.func(args))
@@ -321,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print("genbench: interrupted; finished jobs are stored, run again to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CLIError, SuiteError, UnknownNameError, PluginLoadError, StoreError, ValueError,
-            TypeError, FileNotFoundError, KeyError, OSError) as exc:
+    except (CLIError, SuiteError, UnknownNameError, PluginLoadError, StoreError, ZooError,
+            ValueError, TypeError, FileNotFoundError, KeyError, OSError) as exc:
         if os.environ.get("GENBENCH_DEBUG") == "1":
             raise
         msg = str(exc)

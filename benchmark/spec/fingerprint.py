@@ -11,7 +11,12 @@ the ``resolved`` field of a :class:`benchmark.spec.jobs.JobSpec`, which its key 
 * ``threat_model``: provenance;
 * ``weights``: the sha256 (from the zoo manifest) of every zoo model named by a string anywhere
   in the defense's parameters and defaults or the attack's parameters and config (a retrained
-  model is new work).
+  model is new work); user models (:mod:`benchmark.zoo.user`) are recorded the same way, by the
+  sha256 of their weights file taken at registration (and checked at load);
+* ``user_models``: for the user models among them (only when there are any, so zoo-only keys
+  are unchanged), what else decides the network: format, architecture, a diffusers config's
+  sha256, the time convention and normalization (re-registering with another time convention
+  is new work).
 
 Display labels (the suite's name, the ``id`` of a defense or an attack) are not resolved here
 and not hashed: renaming them relabels stored results instead of recomputing them.
@@ -82,11 +87,22 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def zoo_hashes() -> dict[str, str]:
-    """Zoo model name -> weights sha256, from the manifest."""
+class ZooHashes(dict[str, str]):
+    """Model name -> weights sha256, plus ``user_specs``: each user model's loading spec
+    (:meth:`benchmark.zoo.ZooEntry.loading_spec`), read once with the hashes."""
+
+    def __init__(self, hashes: dict[str, str], user_specs: dict[str, Any]) -> None:
+        super().__init__(hashes)
+        self.user_specs = user_specs
+
+
+def zoo_hashes() -> ZooHashes:
+    """Model name -> weights sha256, from the zoo manifest and the user's registries."""
     from benchmark.zoo import get_entry, list_models
 
-    return {name: get_entry(name).sha256 for name in list_models()}
+    entries = [get_entry(name) for name in list_models()]
+    return ZooHashes({e.name: e.sha256 for e in entries},
+                     {e.name: stable(e.loading_spec()) for e in entries if e.is_user})
 
 
 def weights_named(zoo: dict[str, str], *values: Any) -> dict[str, str]:
@@ -119,5 +135,10 @@ def resolve(defense: dict[str, Any], defense_kwargs: dict[str, Any],
     clean jobs)."""
     named = weights_named(zoo, defense_kwargs, defense["defaults"],
                           attack_kwargs or {}, (attack or {}).get("config", {}))
-    return {"defense": defense, "attack": attack, "threat_model": threat,
-            "weights": dict(sorted(named.items()))}
+    out = {"defense": defense, "attack": attack, "threat_model": threat,
+           "weights": dict(sorted(named.items()))}
+    specs = getattr(zoo, "user_specs", {})
+    user = {name: specs[name] for name in sorted(named) if name in specs}
+    if user:
+        out["user_models"] = user
+    return out

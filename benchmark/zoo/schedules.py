@@ -111,6 +111,15 @@ class Schedule(ABC):
     def log_snr(self, t: TimeLike) -> Tensor:
         """log(a^2 / s^2), shaped like ``t``; +inf where s = 0."""
 
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The time t whose :meth:`log_snr` is ``log_snr`` (the inverse map), float64.
+
+        Log-SNRs outside the schedule's image are clamped to its time range (the network of a
+        published checkpoint was never trained outside it). Used by
+        :class:`benchmark.zoo.external.EpsAdapter` to hand a network its own time input.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no inverse log-SNR map")
+
 
 class SDESchedule(Schedule):
     """A schedule given by the linear SDE dx = f(t) x dt + g(t) dW."""
@@ -206,6 +215,29 @@ class DDPM(Schedule):
         abar = self._abar(t)
         return (torch.log(abar) - torch.log1p(-abar)).to(self._out_dtype(t))
 
+    #: an inverse index within this of an integer is that integer (float32 log-SNRs of integer
+    #: timesteps come back as i +- 1e-4 at most; the rounding error is not a time).
+    SNAP: ClassVar[float] = 1e-3
+
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The fractional index i in [0, T-1] whose log-SNR is ``log_snr``: exact at the
+        integers, linear in log-SNR between them, clamped at both ends (a log-SNR above index
+        0's gives 0, below index T-1's gives T-1). Within :attr:`SNAP` of an integer it is
+        that integer, so an integer timestep's float32 log-SNR maps back to it exactly."""
+        abar = self._alphabar.to(log_snr.device)
+        table = torch.log(abar) - torch.log1p(-abar)  # decreasing in i
+        lam = log_snr.to(torch.float64).clamp(float(table[-1]), float(table[0]))
+        neg = -table  # increasing
+        hi = torch.searchsorted(neg, -lam.reshape(-1)).clamp(1, max(self.T - 1, 1))
+        lo = hi - 1
+        if self.T == 1:
+            return torch.zeros_like(lam)
+        l_lo, l_hi = table[lo], table[hi]
+        frac = ((l_lo - lam.reshape(-1)) / (l_lo - l_hi)).clamp(0.0, 1.0)
+        idx = (lo.to(torch.float64) + frac).reshape(lam.shape)
+        near = torch.round(idx)
+        return torch.where((idx - near).abs() < self.SNAP, near, idx)
+
 
 @dataclass(frozen=True)
 class _BetaLinearSDE(SDESchedule):
@@ -256,6 +288,14 @@ class _BetaLinearSDE(SDESchedule):
     def drift_coef(self, t: TimeLike) -> Tensor:
         return -0.5 * self.beta(t)
 
+    def time_from_big_b(self, big_b: Tensor) -> Tensor:
+        """The t in [0, 1] with B(t) = ``big_b`` (the positive root of the quadratic, in the
+        form that does not cancel for small B), float64."""
+        b = big_b.to(torch.float64).clamp(min=0.0)
+        d = self.beta_1 - self.beta_0
+        t = 2.0 * b / (self.beta_0 + torch.sqrt(self.beta_0 ** 2 + 2.0 * d * b))
+        return t.clamp(0.0, 1.0)
+
 
 @dataclass(frozen=True)
 class VPSDE(_BetaLinearSDE):
@@ -274,6 +314,12 @@ class VPSDE(_BetaLinearSDE):
     def log_snr(self, t: TimeLike) -> Tensor:
         b = self.big_b(t)
         return -b - torch.log(-torch.expm1(-b))
+
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """t with log_snr(t) = ``log_snr``: B = log(1 + exp(-lambda)) = softplus(-lambda),
+        then t from B; clamped to [0, 1] (not to [t0, 1]: t0 only guards the score)."""
+        lam = log_snr.to(torch.float64)
+        return self.time_from_big_b(torch.nn.functional.softplus(-lam))
 
     def diffusion_sq(self, t: TimeLike) -> Tensor:
         return self.beta(t)
@@ -296,6 +342,16 @@ class SubVPSDE(_BetaLinearSDE):
     def log_snr(self, t: TimeLike) -> Tensor:
         b = self.big_b(t)
         return -b - 2.0 * torch.log(-torch.expm1(-b))
+
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """t with log_snr(t) = ``log_snr``. With u = exp(-B), exp(lambda) = u / (1 - u)^2, whose
+        root in (0, 1) is 1 - u = (1 + r) / (2 e^lambda + 1 + r), r = sqrt(4 e^lambda + 1)
+        (written without cancellation); B = -log(u), then t from B. Clamped to [0, 1]."""
+        lam = log_snr.to(torch.float64).clamp(-60.0, 60.0)
+        e = torch.exp(lam)
+        r = torch.sqrt(4.0 * e + 1.0)
+        b = -torch.log1p(-(1.0 + r) / (2.0 * e + 1.0 + r))
+        return self.time_from_big_b(b)
 
     def diffusion_sq(self, t: TimeLike) -> Tensor:
         return self.beta(t) * -torch.expm1(-2.0 * self.big_b(t))
@@ -345,6 +401,10 @@ class EDM(SDESchedule):
 
     def log_snr(self, t: TimeLike) -> Tensor:
         return -2.0 * torch.log(self.check_t(t))
+
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """sigma = exp(-lambda / 2) (any sigma >= 0: EDM's time is not clamped)."""
+        return torch.exp(-0.5 * log_snr.to(torch.float64))
 
     def drift_coef(self, t: TimeLike) -> Tensor:
         return torch.zeros_like(self.check_t(t))
