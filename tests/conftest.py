@@ -5,10 +5,15 @@ A module whose tests (or fixtures, module-scoped ones included) leave torch's th
 changed fails in its last test's teardown: a stray ``torch.set_num_threads(1)`` once ran every
 later module, the end-to-end suite runs included, on one of CI's two cores."""
 
+import os
 from collections.abc import Generator, Iterator
 
 import pytest
 import torch
+
+# Hermetic tests: no developer's user-model registry (~/.config/genbench/models.json or a
+# $GENBENCH_MODELS of their own) enters the zoo's lookup; tests that register models set it.
+os.environ["GENBENCH_MODELS"] = ""
 
 from tests.toys import single_thread
 
