@@ -58,6 +58,7 @@ DENSITY_COLUMNS = [
     "threshold_ci_high", "threshold_bpd", "accepted", "accepted_ci_low", "accepted_ci_high",
     "rejected", "rejected_ci_low", "rejected_ci_high", "nll_bpd_before", "nll_bpd_before_ci_low",
     "nll_bpd_before_ci_high", "nll_bpd_after", "nll_bpd_after_ci_low", "nll_bpd_after_ci_high",
+    "nll_bpd_change", "nll_bpd_change_ci_low", "nll_bpd_change_ci_high",
     "complexity_before", "complexity_after",
 ]
 
@@ -323,6 +324,9 @@ def density_rows(data: DensityData, base_row: Callable[[dict[str, Any]], dict[st
             _fill_rate(row, "rejected", int((within & (s.logp_after < tau)).sum()), n)
         _fill_nll(row, "nll_bpd_before", s.bpd_before)
         _fill_nll(row, "nll_bpd_after", s.bpd_after)
+        # paired per sample: the reporting solver's own noise (a PF-ODE's Hutchinson probes)
+        # is in the spread, so a change within it is not read as a move
+        _fill_nll(row, "nll_bpd_change", s.bpd_after - s.bpd_before)
         rows.append(row)
     return rows
 
@@ -351,9 +355,17 @@ def survival(row: Any) -> tuple[float, float]:
 
 
 def moved_against(row: Any) -> bool:
-    """Whether a density row's mean *reported* NLL (bits/dim, the reporting solver's) moved
-    against its attack's direction from the start to the result: up for an attack that raises
-    the likelihood, down for one that lowers it."""
+    """Whether a density row's *reported* NLL (bits/dim, the reporting solver's) moved against
+    its attack's direction from the start to the result (up for an attack that raises the
+    likelihood, down for one that lowers it): the 95% interval of the paired per-sample change
+    lies entirely on the wrong side of 0. A reporting solver with noise of its own (the
+    PF-ODE's fresh Hutchinson probes: about 0.05 bits/dim per digit) moves the mean of an
+    attack that changed nothing either way; only a move beyond that noise is flagged. Rows
+    without the paired interval (fewer than two samples, or written before it existed) fall
+    back to the sign of the change of the means."""
+    lo, hi = row.get("nll_bpd_change_ci_low"), row.get("nll_bpd_change_ci_high")
+    if lo is not None and hi is not None and not pd.isna(lo) and not pd.isna(hi):
+        return float(lo) > 0 if row["direction"] == "raise" else float(hi) < 0
     before, after = row.get("nll_bpd_before"), row.get("nll_bpd_after")
     if before is None or after is None or pd.isna(before) or pd.isna(after):
         return False

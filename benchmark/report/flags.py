@@ -70,8 +70,9 @@ FLAG_HELP = {
                                    "white-box attack with one step, on the first samples) broke "
                                    "samples this iterative attack left robust: the iterative "
                                    "attack is failing (Carlini et al. 2019)",
-    "no_transfer": "density rows: the mean reported NLL (the reporting solver's) moved "
-                   "against the attack's direction from its start to its result: the attack "
+    "no_transfer": "density rows: the reported NLL (the reporting solver's) moved against "
+                   "the attack's direction from its start to its result, beyond the 95% "
+                   "interval of the paired per-sample change: the attack "
                    "optimized an objective (a fast solver, a fixed probe) that does not "
                    "transfer to the number the detector reports",
     "silent_success": "on a deterministic defense, the attack evaluated an adversarial iterate "
