@@ -67,6 +67,19 @@ __all__ = [
 DEFAULT_STEPS = 20
 
 
+def _checked_eps(attack: Attack, defense: nn.Module, threat: ThreatModel) -> float:
+    """The threat's eps, after refusing an incompatible pairing (TypeError) and an l-inf
+    radius outside (0, 1] (ValueError)."""
+    reason = attack.incompatibility(defense, threat)
+    if reason is not None:
+        raise TypeError(reason)
+    eps = float(threat.eps)
+    if threat.name == "linf" and not 0.0 < eps <= 1.0:
+        raise ValueError(f"{attack.name}: the l-inf radius must be in (0, 1] for images in "
+                         f"[0, 1], got threat eps={eps!r}")
+    return eps
+
+
 class FlowPGD(Attack):
     """PGD on ``attack_log_prob`` of a density defense (Pope et al. section 4).
 
@@ -113,13 +126,7 @@ class FlowPGD(Attack):
 
     def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             generator: torch.Generator | None = None) -> AttackResult:
-        reason = self.incompatibility(defense, threat)
-        if reason is not None:
-            raise TypeError(reason)
-        eps = float(threat.eps)
-        if threat.name == "linf" and not 0.0 < eps <= 1.0:
-            raise ValueError(f"{self.name}: the l-inf radius must be in (0, 1] for images in "
-                             f"[0, 1], got threat eps={eps!r}")
+        _checked_eps(self, defense, threat)
         density = cast("DensityDefense", defense)
         sign = -1.0 if self.direction == "lower" else 1.0
         d = int(getattr(defense, "dim", 0) or 0) or x[0].numel()
@@ -206,13 +213,7 @@ class FlowUniform(Attack):
 
     def run(self, defense: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
             generator: torch.Generator | None = None) -> AttackResult:
-        reason = self.incompatibility(defense, threat)
-        if reason is not None:
-            raise TypeError(reason)
-        eps = float(threat.eps)
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"{self.name}: the l-inf radius must be in (0, 1] for images in "
-                             f"[0, 1], got threat eps={eps!r}")
+        eps = _checked_eps(self, defense, threat)
         density = cast("DensityDefense", defense)
         d = int(getattr(defense, "dim", 0) or 0) or x[0].numel()
         x = x.detach()
