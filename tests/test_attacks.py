@@ -201,8 +201,10 @@ def test_eot_success_needs_a_majority_of_draws() -> None:
 
 
 def test_eot_refuses_attacks_without_draws() -> None:
-    with pytest.raises(TypeError, match="autoattack.*eot_draws"):
-        EOT(attack="autoattack")
+    with pytest.raises(TypeError, match="spsa.*eot_draws"):
+        EOT(attack="spsa")
+    # AutoAttack takes eot_draws (its APGD's EOT iterations): EOT sets them
+    assert EOT(attack="autoattack", draws=3).budget.eot_draws == 3
     with pytest.raises(TypeError, match="draws="):
         EOT(attack="pgd", eot_draws=3)
     with pytest.raises(ValueError, match="draws must be an integer >= 1, got 0"):
