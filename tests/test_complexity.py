@@ -160,7 +160,10 @@ def test_figure7_script_tables_likelihood_against_complexity(tmp_path):
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--n", "2", "--models", "digits-realnvp-clean", "--out", str(tmp_path)])
+    from tests.toys import single_thread
+
+    with single_thread():  # the script sets one thread; the context restores the session's
+        mod.main(["--n", "2", "--models", "digits-realnvp-clean", "--out", str(tmp_path)])
     import csv
 
     with open(tmp_path / "table.csv", newline="") as f:
