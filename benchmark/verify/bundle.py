@@ -462,26 +462,19 @@ def _leaderboard(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
         return build_leaderboard(store, plan)
 
 
-def _check_fallbacks(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any]],
-                     content: _Content, cache: Any, report: Report) -> None:
-    """The fallbacks the bundle owes: where a defense shows masking, the trusted plan's
-    fallback jobs of that defense must be in the bundle, as the harness would have run them.
-    The evidence is the bundle's recorded outcomes (``blackbox_beats_whitebox``,
-    ``unconstrained_attack_failure``) and the verifier's *own* gradient diagnostics of the
-    rebuilt defense on its first clean shard (``bad_gradients``, ``unstable_predictions``,
-    computed as the runner computes them; a bundle carries no diagnostics, and a
-    submitter's would not be evidence)."""
+def _trusted_diagnostics(plan: Any, jobs: dict[str, tuple[Any, Any]], cache: Any
+                         ) -> dict[str, dict[str, Any]]:
+    """Job key -> ``{"grad_diagnostics": [...]}`` for the first clean shard of every defense
+    the trusted plan has fallbacks for: the verifier's own gradient diagnostics of the rebuilt
+    defense, computed as the runner computes them (a bundle carries none, and a submitter's
+    would not be evidence)."""
     import torch
 
     from benchmark.api.defense import describe
-    from benchmark.report.fallback import masked_defenses
     from benchmark.run.diagnostics import safe_diagnostics
     from benchmark.run.runner import shard_data
-    from benchmark.store import Store
 
-    if not getattr(plan, "fallback", None):
-        return
-    owing = {j.defense.id for j in plan.fallback}
+    owing = {j.defense.id for j in getattr(plan, "fallback", [])}
     cpu = torch.device("cpu")
     extras: dict[str, dict[str, Any]] = {}
     for key, (spec, job) in jobs.items():
@@ -493,7 +486,21 @@ def _check_fallbacks(store_path: Path, plan: Any, jobs: dict[str, tuple[Any, Any
             _, stochastic, _ = describe(defense)
             extras[key] = {"grad_diagnostics": [safe_diagnostics(defense, x, y,
                                                                  stochastic=stochastic)]}
-    _leaderboard(store_path, plan, jobs, content.outcomes, extras=extras)
+    return extras
+
+
+def _check_fallbacks(store_path: Path, plan: Any, content: _Content, report: Report) -> None:
+    """The fallbacks the bundle owes: where a defense shows masking, the trusted plan's
+    fallback jobs of that defense must be in the bundle, as the harness would have run them.
+    The evidence is the bundle's recorded outcomes (``blackbox_beats_whitebox``,
+    ``unconstrained_attack_failure``) and the verifier's own gradient diagnostics of the
+    rebuilt defense (``bad_gradients``, ``unstable_predictions``;
+    :func:`_trusted_diagnostics`), both in the store at ``store_path``."""
+    from benchmark.report.fallback import masked_defenses
+    from benchmark.store import Store
+
+    if not getattr(plan, "fallback", None):
+        return
     with Store(store_path) as store:
         masked = masked_defenses(store, plan)
     owed = {d: [j for j in plan.fallback if j.defense.id == d and j.key not in content.jobs]
@@ -774,8 +781,10 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
     # -- claimed rows ------------------------------------------------------------------------
     from benchmark.report.evidence import row_key
 
-    recorded_frame = _leaderboard(tmp / "recorded.sqlite", plan, jobs, content.outcomes)
-    _check_fallbacks(tmp / "fallbacks.sqlite", plan, jobs, content, cache, report)
+    # the verifier's own diagnostics ride in the recorded store (they never enter the rows)
+    recorded_frame = _leaderboard(tmp / "recorded.sqlite", plan, jobs, content.outcomes,
+                                  extras=_trusted_diagnostics(plan, jobs, cache))
+    _check_fallbacks(tmp / "recorded.sqlite", plan, content, report)
     rescored_rows = {}
     if counts:
         rescored_rows = {row_key(r): r for _, r in _leaderboard(
