@@ -19,7 +19,6 @@ minutes per case at n = 4 and 30 steps on this CPU (the checked case about twice
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,11 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     x = select(load_digits(), get_subset("digits", "test100-v1"))[0][:args.n]
     y = torch.zeros(len(x), dtype=torch.long)
-    dim = x[0].numel()
-
-    def bpd(logp: torch.Tensor) -> torch.Tensor:
-        return -logp / (dim * math.log(2)) + 8
-
     for attack, solver, check in CASES:
         if attack not in args.cases:
             continue
@@ -66,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         res = atk.run(defense, x, y, threat, generator=torch.Generator().manual_seed(0))
         took = time.time() - t
         defense.reseed(1)
-        before = bpd(defense.log_prob(res.extras["x_start"]))
-        after = bpd(defense.log_prob(res.x_adv))
+        before = defense.bits_per_dim(res.extras["x_start"])
+        after = defense.bits_per_dim(res.x_adv)
         change = [round(float(v), 3) for v in after - before]
         print(f"{attack} {solver} check_every={check}: reported NLL {before.mean():.3f} -> "
               f"{after.mean():.3f} bits/dim (per image {change}); objective "
