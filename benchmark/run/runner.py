@@ -132,18 +132,81 @@ def adversarial_counts(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor
     return (logits.argmax(dim=1) == y).long() * k
 
 
+def _failure(exc: BaseException) -> str:
+    """The per-sample reason of a chunk that made the defense raise (one line)."""
+    message = " ".join(str(exc).split())  # one line, stored once per sample
+    message = message if len(message) <= 300 else message[:297] + "..."
+    return f"{DEFENSE_FAILED}raised {type(exc).__name__}: {message}"
+
+
+def majority_draws_left(correct: Tensor, wrong: Tensor, k: int) -> Tensor:
+    """Draws each sample still needs before its K-draw majority verdict (correct iff
+    ``2 * correct > k``) could be decided: the fewer of the correct draws still missing for a
+    majority and the wrong ones still missing to rule it out; 0 once decided. Drawing that many
+    never overshoots K, and a decided verdict equals the one all K draws would give."""
+    need_correct = k // 2 + 1 - correct
+    need_wrong = k - k // 2 - wrong
+    return torch.minimum(need_correct, need_wrong).clamp(min=0)
+
+
+@torch.no_grad()
+def sequential_majority(defense: nn.Module, x: Tensor, y: Tensor, k: int, num_classes: int,
+                        batch_size: int, who: str) -> tuple[Tensor, list[str | None]]:
+    """K-draw majority verdicts drawn sequentially, for the automatic probes (evidence for the
+    flags, never rows): each round gives every undecided sample the draws it still needs
+    (:func:`majority_draws_left`), batched up to ``batch_size`` rows, until all are decided. A
+    sample fooled in its first K/2 draws costs K/2 forwards instead of K. ``counts`` are the
+    correct draws seen, so ``2 * count > k`` is exactly the full-K majority; they are not a
+    sample of K draws (no mean or worst-of-K from them). Failures as in
+    :func:`score_adversarial`."""
+    n = len(x)
+    correct = torch.zeros(n, dtype=torch.long, device=x.device)
+    wrong = torch.zeros_like(correct)
+    reasons: list[str | None] = [None] * n
+    failed = torch.zeros(n, dtype=torch.bool, device=x.device)
+    while True:
+        left = torch.where(failed, 0, majority_draws_left(correct, wrong, k))
+        if not left.any():
+            return torch.where(failed, 0, correct), reasons
+        rows = torch.repeat_interleave(torch.arange(n, device=x.device), left)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            try:
+                out = defense(x[idx])
+            except Exception as exc:
+                if out_of_memory(exc):
+                    raise
+                why = _failure(exc)
+                for i in idx.unique().tolist():
+                    failed[i] = True
+                    reasons[i] = why
+                continue
+            logits = check_logits(out, len(idx), num_classes, who, finite=False)
+            finite = torch.isfinite(logits).all(dim=1)
+            for i in idx[~finite].unique().tolist():
+                failed[i] = True
+                reasons[i] = f"{DEFENSE_FAILED}non-finite logits in a draw"
+            hits = (logits.argmax(dim=1) == y[idx]).long()
+            correct.index_add_(0, idx, hits)
+            wrong.index_add_(0, idx, 1 - hits)
+
+
 @torch.no_grad()
 def score_adversarial(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor, k: int,
-                      num_classes: int, batch_size: int, who: str
-                      ) -> tuple[Tensor, list[str | None]]:
+                      num_classes: int, batch_size: int, who: str, *,
+                      sequential: bool = False) -> tuple[Tensor, list[str | None]]:
     """:func:`adversarial_counts`, tolerant per sample: ``(counts, reasons)`` where a sample
     whose K draws include non-finite logits, or whose chunk made the defense raise, counts 0
     and has a reason (starting with :data:`DEFENSE_FAILED`); other samples have None. Output
-    of the wrong type or shape, and out-of-memory errors, still raise."""
+    of the wrong type or shape, and out-of-memory errors, still raise. With ``sequential``
+    (the automatic probes), a stochastic defense's draws stop once the majority is decided
+    (:func:`sequential_majority`)."""
     n = len(x_adv)
     counts = torch.zeros(n, dtype=torch.long, device=x_adv.device)
     reasons: list[str | None] = [None] * n
     seed = getattr(attack, "pinned_seed", None)
+    if sequential and seed is None and k > 1:
+        return sequential_majority(defense, x_adv, y, k, num_classes, batch_size, who)
     if seed is not None:  # the fixed-noise diagnostic: its pinned draw counts for all K
         reseed = getattr(defense, "reseed", None)
         if not callable(reseed):
@@ -162,10 +225,7 @@ def score_adversarial(defense: nn.Module, attack: Any, x_adv: Tensor, y: Tensor,
         except Exception as exc:
             if out_of_memory(exc):
                 raise
-            message = " ".join(str(exc).split())  # one line, stored once per sample
-            message = message if len(message) <= 300 else message[:297] + "..."
-            why = f"{DEFENSE_FAILED}raised {type(exc).__name__}: {message}"
-            reasons[start:stop] = [why] * (stop - start)
+            reasons[start:stop] = [_failure(exc)] * (stop - start)
             continue
         logits = check_logits(out, len(rep), num_classes, who, finite=False)
         finite = torch.isfinite(logits).all(dim=1).view(len(xb), draws)
@@ -421,7 +481,9 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
     seed_globals(job.run_seed)  # a defense built here draws the same, cached or not
     versions["defense"] = str(DEFENSES.provenance(job.defense.name))
     defense = job.build_defense(cache if cache is not None else DefenseCache(), dev)
+    t_check = time.perf_counter()
     job.settle_randomness(defense, dev)  # declared deterministic but random: K draws below
+    t_check = time.perf_counter() - t_check  # automatic-probe cost (once per defense, process)
     seed_globals(job.run_seed)  # ... and the job's plug-ins as well
     kind, stochastic, nfe = describe(defense)
     k = job.k_draws if stochastic else 1
@@ -448,7 +510,9 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
         outcomes = [SampleOutcome(int(i), int(c)) for i, c in zip(job.sample_ids,
                                                                 counts.tolist(), strict=True)]
         if job.shard == 0:  # validity-flag evidence, after scoring (benchmark.run.diagnostics)
+            t_diag = time.perf_counter()
             diag = safe_diagnostics(defense, x, y, stochastic=stochastic)
+            diag["wall_s"] = time.perf_counter() - t_diag  # the probes' cost, reported
             # declared deterministic, found random when built: scored with K draws (above)
             diag["undeclared_randomness"] = bool(getattr(defense, "undeclared_randomness",
                                                          False))
@@ -481,7 +545,7 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
             safe = torch.where(viol.mask.view(-1, *[1] * (xb.dim() - 1)), xb, x_adv)
             safe = torch.nan_to_num(safe)
             counts, failed = score_adversarial(defense, attack, safe, yb, k, num_classes,
-                                               job.batch_size, who)
+                                               job.batch_size, who, sequential=bool(job.probe))
             for sid, c, why, fail, d in zip(ids, counts.tolist(), viol.per_sample, failed,
                                             dist.tolist(), strict=True):
                 reason = why or fail  # a threat violation was not scored at all
@@ -496,6 +560,8 @@ def _execute(job: JobSpec, device: str | None, cache: DefenseCache | None,
         # read after running: some attacks resolve their budget per defense (AutoAttack
         # "auto" picks standard or rand)
         budget = vars(attack.budget).copy() if hasattr(attack, "budget") else {}
+    if t_check >= 1e-3:  # the determinism check ran in this job
+        extras["randomness_check_s"] = [t_check]
     return JobResult(
         key=job.key, status="done", outcomes=outcomes, k=k,
         wall_s=time.perf_counter() - t0, grad_evals=grad_evals,

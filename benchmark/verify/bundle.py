@@ -744,7 +744,7 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
                                        who).cpu().numpy()
                 else:  # non-finite or raising draws count as not robust, as the runner does
                     c = score_adversarial(defense, None, x, y, k, num_classes, spec.batch_size,
-                                          who)[0].cpu().numpy()
+                                          who, sequential=bool(spec.probe))[0].cpu().numpy()
                 near = None
             else:
                 c, near = _exact_counts(defense, x, y, k, num_classes, spec.batch_size, who,
@@ -753,7 +753,9 @@ def _verify(content: _Content, trusted: Any, source: str, overrides: dict[str, s
             c = np.where(bad, 0, c)
             recorded = content.outcomes.get(key, {})
             if near is None:
-                if job["k"] == k:  # a K that differs from the rebuilt one failed above
+                # a K that differs from the rebuilt one failed above; a probe's draws stop at
+                # its majority (not K draws), and its fresh verdicts make the flags (below)
+                if job["k"] == k and not spec.probe:
                     stochastic_draws[key] = (c, k)
             else:  # a deterministic score: sample by sample against outcomes.csv
                 differ = []
