@@ -442,3 +442,54 @@ def test_dc_and_the_pfode_detector_take_the_adapter() -> None:
     with torch.no_grad():
         lp = pf.log_prob(x)
     assert lp.shape == (1,) and torch.isfinite(lp).all()
+
+
+def _install_entry_points(root: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                          entry_points: str) -> None:
+    """A distribution installed on ``sys.path`` for this test only: package ``gb_ep_models``
+    (``source`` as its ``__init__.py``) and a dist-info declaring ``entry_points``."""
+    package = root / "gb_ep_models"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    info = root / "gb_ep_models-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gb-ep-models\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[genbench.models]\n{entry_points}\n")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delenv("GENBENCH_NO_PLUGINS", raising=False)
+
+
+def test_a_model_shipped_by_an_installed_package_through_its_entry_point(
+        registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _tiny_wrn(seed=3)
+    ckpt = tmp_path / "wrn.pt"
+    torch.save(net.state_dict(), ckpt)
+    # the entry mapping exactly as registration writes it, then shipped as package data
+    entry = add_user_model("ep-wrn", path=ckpt, fmt="state-dict", dataset="cifar10",
+                           arch="wideresnet", arch_kwargs={"depth": 10, "widen_factor": 1})
+    mapping = json.loads(registry.read_text())["ep-wrn"]
+    registry.unlink()
+    root = tmp_path / "site"
+    mapping["file"] = "weights/wrn.pt"  # relative: to the package's folder
+    _install_entry_points(root, monkeypatch,
+                          f"ENTRY = {mapping!r}\n\ndef broken():\n    return [1, 2]\n",
+                          "ep-wrn = gb_ep_models:ENTRY")
+    (root / "gb_ep_models" / "weights").mkdir()
+    ckpt.rename(root / "gb_ep_models" / "weights" / "wrn.pt")
+    got = get_entry("ep-wrn")
+    assert got.is_user and got.sha256 == entry.sha256
+    assert got.source == "entry point ep-wrn = gb_ep_models:ENTRY"
+    assert "ep-wrn" in list_models()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model("ep-wrn")(x), net(x))
+    # an entry point that is not a model entry, and one that shadows the zoo: refused, named
+    (root / "gb_ep_models-0.1.dist-info" / "entry_points.txt").write_text(
+        "[genbench.models]\nep-broken = gb_ep_models:broken\n")
+    with pytest.raises(ZooError, match="ep-broken = gb_ep_models:broken: expected an entry "
+                                       "mapping, got list"):
+        list_models()
+    (root / "gb_ep_models-0.1.dist-info" / "entry_points.txt").write_text(
+        "[genbench.models]\ndigits-cnn = gb_ep_models:ENTRY\n")
+    with pytest.raises(ZooError, match="'digits-cnn' .* has the name of a shipped zoo model"):
+        list_models()
