@@ -30,8 +30,10 @@ class Undefended(Defense):
         self.net = load_model(model)
         self.nfe_per_call = 1
         num_classes = entry.arch_kwargs.get("num_classes")
-        if num_classes is None:
-            num_classes = self._probe_num_classes(entry.dataset)
+        if num_classes is None:  # the network's own (the published WideResNets store it)
+            num_classes = getattr(self.net, "num_classes", None)
+        if num_classes is None:  # loads the dataset: a user's may live where only a suite's
+            num_classes = self._probe_num_classes(entry.dataset)  # dataset_params say
         self.num_classes = int(num_classes)
 
     def _probe_num_classes(self, dataset: str) -> int:

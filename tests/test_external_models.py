@@ -493,3 +493,19 @@ def test_a_model_shipped_by_an_installed_package_through_its_entry_point(
         "[genbench.models]\ndigits-cnn = gb_ep_models:ENTRY\n")
     with pytest.raises(ZooError, match="'digits-cnn' .* has the name of a shipped zoo model"):
         list_models()
+
+
+def test_undefended_on_a_user_classifier_needs_no_dataset_on_disk(
+        registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CIFAR-10 folder a suite names in dataset_params is not where the defense looks: the
+    # class count comes from the network (WideResNet stores it), not from loading the dataset
+    from benchmark.data import clear_dataset_cache
+    from defenses.baseline import Undefended
+
+    monkeypatch.setenv("GENBENCH_CIFAR10", str(tmp_path / "nowhere"))
+    clear_dataset_cache()
+    ckpt = tmp_path / "wrn.pt"
+    torch.save(WideResNet(depth=10, widen_factor=1).state_dict(), ckpt)
+    add_user_model("wrn10", path=ckpt, fmt="state-dict", dataset="cifar10", arch="wideresnet",
+                   arch_kwargs={"depth": 10, "widen_factor": 1})
+    assert Undefended(model="wrn10").num_classes == 10
