@@ -96,6 +96,62 @@ def test_gap_guidance_term_reaches_the_gradient():
     assert not torch.allclose(grads[0], grads[1])
 
 
+class _AttentionEps(nn.Module):
+    """An eps network that attends over its pixels with ``scaled_dot_product_attention`` in
+    diffusers' calling convention, as a ``UNet2DModel``'s attention blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Conv2d(3, 3 * 8, 1)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Any:
+        from types import SimpleNamespace
+
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).reshape(b, h * w, 3, 1, 8).unbind(2)
+        q, k, v = (a.transpose(1, 2).contiguous() for a in (q, k, v))  # (b, heads, hw, 8)
+        att = nn.functional.scaled_dot_product_attention(q, k, v)
+        out = self.out(att.transpose(1, 2).reshape(b, h, w, 8).permute(0, 3, 1, 2))
+        return SimpleNamespace(sample=out * (1 + t.view(-1, 1, 1, 1) / 1000))
+
+
+def test_gap_exact_gradient_through_fused_attention():
+    """The exact attack gradient differentiates the guidance gradient again: through an
+    attention network (a diffusers UNet) the fused CPU/GPU attention kernels have no double
+    backward, so the adapter runs the math kernel under autograd; the gradient must exist and match
+    a central finite difference of the (frozen-noise) purified output."""
+    import copy
+
+    from benchmark.zoo.external import EpsAdapter
+
+    den = EpsAdapter(_AttentionEps(), call="diffusers", in_channels=3, image_size=16)
+    model = ScoreAGPurification(denoiser=den, classifier=nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 16 * 16, 3)), t_star=0.02, dt=0.01, s_x=2.0,
+        checkpoint=False)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def gradient(m: nn.Module, xx: Tensor) -> Tensor:
+        xr = xx.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(m.purify(xr, seed=3).sum(), xr)
+        return grad
+
+    fused = gradient(model, x)  # float32: the fused kernels' case (raised before the fix)
+    with sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(fused, gradient(model, x))
+    # the math kernel's gradient is the exact one: float64 against a central difference
+    m64, x64 = copy.deepcopy(model).double(), x.double()
+    v = torch.randn_like(x64)
+    exact = gradient(m64, x64)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (m64.purify(x64 + h * v, seed=3).sum()
+              - m64.purify(x64 - h * v, seed=3).sum()) / (2 * h)
+    assert float((exact * v).sum()) == pytest.approx(float(fd), rel=1e-5)
+
+
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), "1"])
 def test_gap_rejects_bad_guidance_scales(bad):
     with pytest.raises((ValueError, TypeError), match=r"s_x must be"):

@@ -63,11 +63,13 @@ import json
 import math
 import pickle
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmark.zoo import ZooError
 from benchmark.zoo.denoiser import Denoiser, _per_sample
@@ -237,13 +239,20 @@ class EpsAdapter(Denoiser):
         return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
 
     def raw(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """The wrapped network on its own input ``x`` and time ``t`` (B,), eps out (no nfe)."""
-        if self.call == "diffusers":
-            kwargs = {} if labels is None else {"class_labels": labels}
-            out = self.net(x, t, **kwargs)
-            out = getattr(out, "sample", out)
-        else:
-            out = self.net(x, t) if labels is None else self.net(x, t, labels)
+        """The wrapped network on its own input ``x`` and time ``t`` (B,), eps out (no nfe).
+
+        Under autograd, attention runs as the math kernel: the fused kernels (flash,
+        memory-efficient; diffusers' UNets call them) have no double backward, and genbench
+        differentiates gradients again (GAP's guidance, RDC's likelihood maximization and the
+        PF-ODE divergence under an exact attack gradient), which a forward cannot foresee. The
+        math kernel is the same function; no-grad forwards (scoring) keep the fused ones."""
+        with sdpa_kernel([SDPBackend.MATH]) if torch.is_grad_enabled() else nullcontext():
+            if self.call == "diffusers":
+                kwargs = {} if labels is None else {"class_labels": labels}
+                out = self.net(x, t, **kwargs)
+                out = getattr(out, "sample", out)
+            else:
+                out = self.net(x, t) if labels is None else self.net(x, t, labels)
         if isinstance(out, tuple | list):
             out = out[0]
         if not isinstance(out, Tensor):
