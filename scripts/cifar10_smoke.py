@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.read_csv(out / "run" / "leaderboard.csv")
     cols = [c for c in ("defense", "attack", "threat_model", "eps", "n", "clean_acc",
                         "robust_acc", "error", "flags") if c in frame.columns]
+    if "error" in frame.columns:  # one line per row
+        frame["error"] = frame["error"].map(lambda e: e if not isinstance(e, str) else
+                                            e if len(e) <= 60 else e[:57] + "...")
     print(frame[cols].to_string(index=False))
     errors = int(frame["error"].notna().sum()) if "error" in frame.columns else 0
     print(json.dumps({"suite": "cifar10 (smoke budgets)", "limit": args.limit,
