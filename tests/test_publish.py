@@ -222,3 +222,19 @@ def test_browser_screenshot_of_published_quick():
     _browse(ROOT / "leaderboard" / "quick" / "index.html", "?sort=robust&dir=desc",
             f"--screenshot={shot}", "--window-size=1400,1400", "--hide-scrollbars")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_index_lists_script_tables_beside_published_runs(tmp_path):
+    from benchmark.report.publish import _write_index
+
+    (tmp_path / "suite-a").mkdir()
+    (tmp_path / "suite-a" / "leaderboard.csv").write_text("defense\n")
+    (tmp_path / "suite-a" / "README.md").write_text("# a\n")
+    (tmp_path / "gallery").mkdir()
+    (tmp_path / "gallery" / "README.md").write_text("# made by a script\n")
+    (tmp_path / "empty").mkdir()
+    _write_index(tmp_path)
+    index = (tmp_path / "README.md").read_text()
+    assert "* [suite-a](suite-a/README.md) ([html](suite-a/index.html))" in index
+    assert "* [gallery](gallery/README.md)\n" in index and "empty" not in index
+    assert index.index("suite-a") < index.index("made by a script") < index.index("gallery")

@@ -476,6 +476,12 @@ def _write_index(dest: Path) -> None:
              "`index.html` (sortable, filterable, works offline), `leaderboard.csv` (canonical) "
              "and `plots/`.\n"]
     lines += [f"* [{s}]({s}/README.md) ([html]({s}/index.html))" for s in suites]
+    # tables a script made (figure 7, the masking gallery): a README, no leaderboard.csv
+    scripted = sorted(p.parent.name for p in dest.glob("*/README.md")
+                      if not (p.parent / "leaderboard.csv").exists())
+    if scripted:
+        lines += ["\nTables made by a script (the command is in each README):\n"]
+        lines += [f"* [{s}]({s}/README.md)" for s in scripted]
     (dest / "README.md").write_text("\n".join(lines) + "\n")
 
 
