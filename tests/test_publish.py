@@ -238,3 +238,15 @@ def test_the_index_lists_script_tables_beside_published_runs(tmp_path):
     assert "* [suite-a](suite-a/README.md) ([html](suite-a/index.html))" in index
     assert "* [gallery](gallery/README.md)\n" in index and "empty" not in index
     assert index.index("suite-a") < index.index("made by a script") < index.index("gallery")
+
+
+def test_rows_under_16_samples_are_labelled_smoke_checks(published):
+    from benchmark.report.publish import load_run, ranked, render_readme
+
+    assert "**Smoke check, not a finding:**" in (published / "README.md").read_text()
+    frame, plan, kinds = load_run(published.parent.parent / "run")  # n = 8 rows
+    frame["n"] = 16
+    readme = render_readme(frame, ranked(frame, kinds), plan, [])
+    assert "Smoke check" not in readme
+    frame.loc[frame.index[0], "n"] = 15
+    assert "1 of" in render_readme(frame, ranked(frame, kinds), plan, []).split("\n## ")[0]

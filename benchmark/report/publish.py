@@ -149,6 +149,10 @@ def _robust_cell(r: Any) -> str:
     return f"{pct(r['robust'])} [{pct(r['robust_low'])}, {pct(r['robust_high'])}]"
 
 
+#: rows on fewer samples than this are smoke checks, and the README says so at the top.
+FINDING_N = 16
+
+
 def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                   plots: list[str], progress: Any = None) -> str:
     from benchmark.report.leaderboard import render_markdown
@@ -159,6 +163,12 @@ def render_readme(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
     if progress is not None and progress.partial:
         parts.append(f"**partial: {progress.done} of {progress.total} jobs done** "
                      f"({progress.pending} pending): the run is not finished.\n")
+    small = int((pd.to_numeric(frame["n"], errors="coerce").fillna(0) < FINDING_N).sum()) \
+        if "n" in frame.columns else 0
+    if small:
+        parts.append(f"> **Smoke check, not a finding:** {small} of {len(frame)} rows have "
+                     f"n < {FINDING_N} samples; those rows are smoke checks: their intervals "
+                     "are wide and no ordering in them is a result.\n")
     if first is not None:
         parts.append(
             f"Dataset `{md_escape(first['dataset'])}`, subset `{md_escape(first['subset_id'])}` "
