@@ -69,7 +69,8 @@ FLAG_HELP = {
     "single_step_beats_iterative": "the cell's single-step probe (its first iterative "
                                    "white-box attack with one step, on the first samples) broke "
                                    "samples this iterative attack left robust: the iterative "
-                                   "attack is failing (Carlini et al. 2019)",
+                                   "attack is failing (Carlini et al. 2019); on a worst case, "
+                                   "samples every attack left robust",
     "no_transfer": "density rows: the reported NLL (the reporting solver's) moved against "
                    "the attack's direction from its start to its result, beyond the 95% "
                    "interval of the paired per-sample change: the attack "
@@ -100,10 +101,10 @@ INCOMPLETE_FRAC = 0.1
 #: deterministic defense's white-box rows (the digits CNNs: 0.011; rounding to 4 levels: 0.05).
 UNSTABLE_PRED = 0.1
 #: flags that describe one attack row only and are not rolled up to the worst case
-#: (silent success and incomplete optimization are judged on the worst case's own robust
-#: samples instead: :func:`_worst_case_path`).
+#: (silent success, incomplete optimization and the single-step probe are judged on the worst
+#: case's own robust samples instead: :func:`_worst_case_path`, :func:`_single_step`).
 ROW_ONLY = frozenset({"attack_error", "transfer_failure", "silent_success",
-                      "incomplete_optimization"})
+                      "incomplete_optimization", "single_step_beats_iterative"})
 #: fraction of zero / non-finite gradients (PGD extras or diagnostics) that flags a row.
 BAD_GRAD_FRAC = 0.5
 #: mean pairwise cosine of repeated gradients under which a defense's gradients are "random".
@@ -378,13 +379,15 @@ def _worst_case_path(frame: pd.DataFrame, ev: FlagEvidence, out: dict[str, pd.Se
 def _single_step(frame: pd.DataFrame, ev: FlagEvidence) -> pd.Series:
     """Iterative white-box rows that left robust a sample the cell's single-step probe broke
     (deterministic rows: one such sample; stochastic ones: two, as a majority vote over K
-    draws can flip one borderline sample by chance)."""
+    draws can flip one borderline sample by chance). A ``worst_case`` row is judged the same
+    way on its own robust samples, not rolled up: a sample the probe broke that another attack
+    also broke is not in doubt."""
     flagged = pd.Series(False, index=frame.index)
     for idx, r in _ok(frame).iterrows():
-        if r["attack"] == WORST or is_blackbox(r) or _pins_randomness(r):
+        if is_blackbox(r) or _pins_randomness(r):
             continue
         steps = r.get("steps")
-        if steps is None or pd.isna(steps) or int(steps) <= 1:
+        if r["attack"] != WORST and (steps is None or pd.isna(steps) or int(steps) <= 1):
             continue
         probe = ev.single_step.get((str(r["defense"]), str(r["threat_model"]), float(r["eps"])))
         robust = ev.robust.get(row_key(r), {})
