@@ -13,10 +13,10 @@ registry, and runs the shipped ``cifar10.toml`` with the model names replaced by
 every budget cut to a smoke size (:data:`SMOKE_BUDGETS`, printed): 2 steps per attack
 (AutoAttack: 2 iterations, Square 20 queries), one EOT draw, K = 2 scoring draws, DiffPure's
 and GAP's dt raised to 0.025 (4, 3 and 5 solver steps at t* = 0.1, 0.075, 0.125), RDC with 4
-classifier timesteps and 2 likelihood-maximization steps. Every planned (defense, attack, threat model) job and probe
-runs; the table it prints is a plumbing check on random models, not a finding. Default sizes
-are tiny (the same block types); ``--full-size`` uses DDPM's CIFAR-10 UNet layout (35.7M
-parameters) and WRN-28-10, which is hours on a CPU.
+classifier timesteps and 2 likelihood-maximization steps. Every planned (defense, attack,
+threat model) job and probe runs; the table it prints is a plumbing check on random models, not
+a finding. Default sizes are tiny (the same block types); ``--full-size`` uses DDPM's CIFAR-10
+UNet layout (35.7M parameters) and WRN-28-10, which is hours on a CPU.
 
 Needs the optional dependency ``genbench[diffusers]``.
 """
