@@ -46,3 +46,14 @@ def test_gpu_check_refuses_to_run_without_cuda() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "CUDA is not available" in done.stderr and "--device cpu --quick" in done.stderr
+
+
+def test_rows_are_reported_as_they_are_measured(capsys: pytest.CaptureFixture[str]) -> None:
+    # a long bf16 run on a CPU must not look hung: every row reaches stderr when measured
+    assert main(["--quick", "--models", "digits", "--batches", "1,2", "--dtypes",
+                 "fp32,bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "bf16 autocast on a CPU" in err
+    assert [ln.split(":")[0] for ln in err.splitlines() if ln.startswith("measured")] == [
+        "measured digits fp32 batch 1", "measured digits fp32 batch 2",
+        "measured digits bf16 batch 1", "measured digits bf16 batch 2"]
