@@ -176,3 +176,20 @@ def test_figure7_script_tables_likelihood_against_complexity(tmp_path):
     assert all(math.isfinite(float(r["digits-realnvp-clean"])) for r in rows.values())
     assert (tmp_path / "figure7.png").stat().st_size > 0
     assert "| digits-realnvp-clean |" in (tmp_path / "table.md").read_text()
+
+
+def test_figure7_script_refuses_an_unknown_pfode_solver(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "figure7.py"
+    spec = importlib.util.spec_from_file_location("figure7", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from tests.toys import single_thread
+
+    with single_thread(), pytest.raises(SystemExit, match=r"--pfode-solver.*'rk45'.*accurate-100"):
+        mod.main(["--n", "1", "--models", "pfode", "--pfode-solver", "rk45",
+                  "--out", str(tmp_path)])
+    assert not (tmp_path / "table.md").exists()
