@@ -120,10 +120,11 @@ SOLVERS: dict[str, Solver] = {
     "accurate": Solver("accurate", step=0.001, fresh_noise=True),
     "fast-fresh": Solver("fast-fresh", step=0.05, fresh_noise=True, differentiable=True),
     # the reporting solver at a tenth of the cost (100 steps, 400 network evaluations), for
-    # CPU runs at n >= 32 that name it; on 8 digits under ``digits-eps`` it differs from
-    # ``accurate`` by -0.02 bits/dim on average (RMS 0.08, per-image range -0.15 to +0.09),
-    # the size of two independent Hutchinson draws' difference, at 2.4 s instead of 25 s
-    # per image on one core
+    # CPU runs that name it. Measured against ``accurate`` under ``digits-eps`` (bits/dim):
+    # 8 test digits -0.02 on average (RMS 0.08, per image -0.15 to +0.09); but constant images
+    # -0.37 (black), -0.25 (gray), +0.05 (white), 2 evaluations each: it is biased towards
+    # higher likelihood where the ODE is stiff near t0, so a table that compares kinds of
+    # images must use ``accurate``. 2.4 s instead of 25 s per image on one core
     "accurate-100": Solver("accurate-100", step=0.01, fresh_noise=True),
 }
 
