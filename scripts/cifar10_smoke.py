@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import pickle
 import re
 import sys
 import time
@@ -48,18 +47,11 @@ SMOKE_BUDGETS = [
 
 
 def write_cifar_folder(root: Path, seed: int = 0) -> Path:
-    """``root/cifar-10-batches-py`` in the real format (pickled dicts of uint8 rows), random
-    images: 10 per training batch, the full 10000 test images (the subsets index them)."""
-    import numpy as np
+    """``root/cifar-10-batches-py`` in the real format, random images: 10 per training batch,
+    the full 10000 test images (the subsets index them)."""
+    from benchmark.data.cifar10 import write_random_cifar10
 
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in [*((f"data_batch_{i}", 10) for i in range(1, 6)), ("test_batch", 10000)]:
-        batch = {b"labels": [int(v) for v in rng.integers(0, 10, n)],
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    return root
+    return write_random_cifar10(root, seed=seed)
 
 
 def register_models(folder: Path, registry: Path, full_size: bool) -> dict[str, str]:

@@ -191,6 +191,20 @@ def test_cifar10_tiny_folder(cifar_root: Path) -> None:
         assert ds.train.y[20:40].tolist() == _batch(20, 2)[b"labels"]
 
 
+def test_random_cifar10_folder_reads_back_through_the_restricted_loader(tmp_path: Path) -> None:
+    from benchmark.data.cifar10 import write_random_cifar10
+
+    root = write_random_cifar10(tmp_path, n_test=30, n_train_per_batch=4, seed=3)
+    ds = load_cifar10(root=root)
+    assert ds.train.x.shape == (20, 3, 32, 32) and ds.test.x.shape == (30, 3, 32, 32)
+    assert float(ds.test.x.min()) >= 0 and float(ds.test.x.max()) <= 1
+    again = load_cifar10(root=write_random_cifar10(tmp_path / "again", n_test=30,
+                                                   n_train_per_batch=4, seed=3))
+    assert torch.equal(ds.test.x, again.test.x)  # seeded
+    with pytest.raises(ValueError, match="n_test and n_train_per_batch must be >= 1, got 0"):
+        write_random_cifar10(tmp_path / "bad", n_test=0)
+
+
 def test_cifar10_env_var(cifar_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GENBENCH_CIFAR10", str(cifar_root))
     assert len(load_cifar10().train) == 100

@@ -12,7 +12,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -364,14 +363,9 @@ def test_cli_models_add_and_list(registry: Path, tmp_path: Path,
 # -- the defenses on these models, and the fingerprint ---------------------------------------------
 def _cifar_folder(root: Path, n_test: int) -> Path:
     """A CIFAR-10 folder in the real format with random images (ids up to ``n_test - 1``)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in [*((f"data_batch_{i}", 10) for i in range(1, 6)), ("test_batch", n_test)]:
-        batch = {b"labels": [int(v) for v in rng.integers(0, 10, n)],
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    return root
+    from benchmark.data.cifar10 import write_random_cifar10
+
+    return write_random_cifar10(root, n_test=n_test)
 
 
 @needs_diffusers

@@ -191,3 +191,24 @@ def load_cifar10(*, root: str | os.PathLike[str] | None = None) -> Dataset:
     test = _split([_read_batch(folder / TEST_FILE)])
     return Dataset(name="cifar10", version="cifar10-v1", num_classes=NUM_CLASSES,
                    image_shape=(3, 32, 32), train=train, test=test)
+
+
+def write_random_cifar10(root: str | os.PathLike[str], *, n_test: int = 10000,
+                         n_train_per_batch: int = 10, seed: int = 0) -> Path:
+    """Write ``root/cifar-10-batches-py`` in the real format (pickled dicts of uint8 rows)
+    with uniformly random images and labels: ``n_train_per_batch`` images in each of the five
+    training batches and ``n_test`` test images (the evaluation subsets index test ids, so
+    ``n_test`` must exceed the largest id a suite reads). For smoke runs and tests of the
+    CIFAR-10 path on machines without the dataset; returns ``root``."""
+    if n_test < 1 or n_train_per_batch < 1:
+        raise ValueError(f"n_test and n_train_per_batch must be >= 1, got {n_test} and "
+                         f"{n_train_per_batch}")
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in [*((f"data_batch_{i}", n_train_per_batch) for i in range(1, 6)),
+                    ("test_batch", n_test)]:
+        batch = {b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    return Path(root)
