@@ -152,15 +152,9 @@ def test_the_attack_and_the_module_share_one_high_frequency_norm():
 def test_figure7_script_tables_likelihood_against_complexity(tmp_path):
     """scripts/figure7.py (seed 000's figure 7 as a table) on one zoo flow at n = 2: every kind
     is measured, constant images have zero spectral complexity and noise the highest."""
-    import importlib.util
-    import pathlib
+    from tests.toys import load_script, single_thread
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "figure7.py"
-    spec = importlib.util.spec_from_file_location("figure7", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from tests.toys import single_thread
+    mod = load_script("figure7")
 
     with single_thread():  # the script sets one thread; the context restores the session's
         mod.main(["--n", "2", "--models", "digits-realnvp-clean", "--out", str(tmp_path)])
@@ -179,15 +173,9 @@ def test_figure7_script_tables_likelihood_against_complexity(tmp_path):
 
 
 def test_figure7_script_refuses_an_unknown_pfode_solver(tmp_path):
-    import importlib.util
-    import pathlib
+    from tests.toys import load_script, single_thread
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "figure7.py"
-    spec = importlib.util.spec_from_file_location("figure7", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from tests.toys import single_thread
+    mod = load_script("figure7")
 
     with single_thread(), pytest.raises(SystemExit, match=r"--pfode-solver.*'rk45'.*accurate-100"):
         mod.main(["--n", "1", "--models", "pfode", "--pfode-solver", "rk45",

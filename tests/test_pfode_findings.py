@@ -3,20 +3,14 @@ runs on a PF-ODE density run (hours of CPU), so only its pure parts are tested h
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
+from tests.toys import load_script
+
 
 def _script():
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "pfode_findings.py"
-    spec = importlib.util.spec_from_file_location("pfode_findings", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pfode_findings")
 
 
 def test_difference_interval_is_unpaired_and_covers_the_true_difference():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +115,16 @@ class Recorder(nn.Module):
 def gen(seed: int = 0) -> torch.Generator:
     """A seeded CPU generator."""
     return torch.Generator().manual_seed(seed)
+
+
+def load_script(name: str) -> ModuleType:
+    """The module ``scripts/<name>.py`` (the scripts are not a package), loaded afresh."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @contextlib.contextmanager
