@@ -476,6 +476,16 @@ class ReverseIntegrationAttack(LikelihoodAttack):
     x1 ~ ``latent_std`` * N(0, I) from the generator instead (a generated start: ``x_start`` is
     its decoded image, clamped).
 
+    **The round trip is lossy at the fast grid** (``scripts/pfode_transfer.py --cases roundtrip
+    --n 8``: ``digits-eps``, 8 test digits, reported by ``accurate-100``): ``decode(encode(x))``
+    with the fast solver's step 0.05 moves pixels by 0.0028 RMS (0.008 at most), and that alone
+    costs 2.4 bits/dim (0.36 -> 2.75): the density is sharply peaked at the digits' exact pixel
+    values. With step 0.02 the loss is 1.0 bits/dim, with step 0.01 it is within the reporting
+    solver's noise (2.7x and 5.4x the fast round trip's time). So from the encoding the attack
+    starts far below the test image's likelihood, and its result can end below it too (the
+    ``no_transfer`` flag says so); a finer grid, ``PFODEDensity(attack_solver=Solver(name,
+    step=0.01, fresh_noise=False))``, removes the loss where the budget allows.
+
     The decoded sample can leave [0, 1] (the paper has no constraint on x1). We follow the
     paper: x1 is unconstrained and the objective is eq. 6 on the unclamped sample; the best
     iterate by that objective is decoded and *clamped* to [0, 1] for ``x_adv``, and the harness
