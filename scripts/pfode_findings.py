@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     clean_x = x_all[[row_of[i] for i in clean_ids]]
     spec_test_max = float(spectral_complexity(clean_x).max())
 
-    lines = [f"Run `{args.run}` (suite `{plan.suite.name}`), {len(clean_ids)} clean test "
+    lines = [f"Run `{args.run.name}` (suite `{plan.suite.name}`), {len(clean_ids)} clean test "
              f"digits; detector threshold log p >= {threshold:.1f} nats (accepts 95% of "
              f"them). Objective: the attack's fast-solver log p / D (nats/dim, higher = more "
              f"likely); NLL: the reporting solver, bits/dim (lower = more likely); change: "
