@@ -195,6 +195,7 @@ def test_regression_gate_recomputes_reference_jobs(tmp_path, capsys):
     with sqlite3.connect(out / "runs.sqlite") as conn:
         keys = [k for (k,) in conn.execute(f"SELECT key FROM jobs WHERE {FAST}")]
         n_clean = conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0]
+        n_jobs = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         # the two CNNs: clean + 2 x 2 l-inf PGD rows + the 2 PGD probes at l-inf 1
         assert len(keys) == 7 * 2
         conn.executemany("DELETE FROM samples WHERE job=?", [(k,) for k in keys])
@@ -204,6 +205,11 @@ def test_regression_gate_recomputes_reference_jobs(tmp_path, capsys):
     with sqlite3.connect(out / "runs.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs WHERE attack='clean'").fetchone()[0] == \
             n_clean
+        stale = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - n_jobs
+    # only the deleted jobs were recomputed: a job whose key changed (a new fingerprint) would
+    # be run here on every test run and compared against nothing
+    assert stale == 0, (f"the committed reference is stale: {stale} jobs `quick` plans today are "
+                        "not in it; regenerate it (results/reference/README.md)")
     capsys.readouterr()
     text = _gate(capsys, REFERENCE, out, tmp_path / "gate.md")
     assert "mcnemar" in text
