@@ -98,6 +98,42 @@ def tune_rows_per_batch(denoiser: Denoiser, event: tuple[int, ...], device: torc
     return best
 
 
+class _RowErrorsWithGrad(torch.autograd.Function):
+    """Per-row denoising errors ``err_r = f(x_r)`` whose input gradients are computed in the
+    forward pass, one chunk at a time: a first-order backward without a stored graph and
+    without recomputing the chunk (what :func:`torch.utils.checkpoint.checkpoint` does).
+
+    Valid because each row's error depends on its own row only (the denoiser is in eval mode,
+    with frozen weights and no batch statistics): the Jacobian of the errors with respect to
+    the rows is block-diagonal, so the vector-Jacobian product of any outer loss is
+    ``grad_err[r] * grad f(x_r)``. Memory is one chunk's activations plus one gradient per
+    row (the rows' own size). A backward that builds a graph (``create_graph=True``, a second
+    derivative to come) recomputes the chunk with its graph instead, so second derivatives
+    stay exact; RDC's exact likelihood-maximization steps skip this class altogether
+    (:meth:`DiffusionClassifier._second_order_graph`)."""
+
+    @staticmethod
+    def forward(ctx: Any, xt: Tensor, t: Tensor, y: Tensor | None, eps: Tensor,
+                error: Any) -> Tensor:
+        with torch.enable_grad():
+            rows = xt.detach().requires_grad_(True)
+            err = error(rows, t, y, eps)
+            (grad,) = torch.autograd.grad(err.sum(), rows)
+        ctx.save_for_backward(xt, grad)
+        ctx.rest, ctx.error = (t, y, eps), error
+        return err.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_err: Tensor) -> tuple[Tensor | None, ...]:
+        xt, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of this gradient is asked for: recompute
+            with torch.enable_grad():
+                err = ctx.error(xt, *ctx.rest)
+                (g,) = torch.autograd.grad(err, xt, grad_err, create_graph=True)
+            return g, None, None, None, None
+        return grad_err.view(-1, *[1] * (grad.dim() - 1)) * grad, None, None, None, None
+
+
 @register_defense("dc")
 class DiffusionClassifier(Defense):
     """DC: class scores from the conditional noise-prediction error (see module docstring).
@@ -107,8 +143,12 @@ class DiffusionClassifier(Defense):
     ``classes`` (which labels to score; default all), ``share_noise`` (one eps per timestep for
     all classes), ``rows_per_batch`` (denoiser batch size, or ``"auto"``, which measures the
     denoiser's throughput at a few batch sizes once and keeps the fastest: on a 2-core CPU a
-    tiny UNet peaks near 32-256 rows and slows down at thousands), ``checkpoint`` (recompute
-    chunks in backward so attack memory does not grow with T' x K activations).
+    tiny UNet peaks near 32-256 rows and slows down at thousands), ``checkpoint`` (where a
+    graph is kept for a second derivative, RDC's exact likelihood steps: recompute chunks in
+    backward so memory does not grow with T' x K activations). First-order gradients (every
+    attack on DC, RDC's likelihood maximization) never keep the chunks' graphs: each chunk's
+    input gradient is computed as it is evaluated (:class:`_RowErrorsWithGrad`), which needs
+    the memory of one chunk and no recomputation.
     """
 
     kind = "classifier"
@@ -148,6 +188,8 @@ class DiffusionClassifier(Defense):
         self._tuned: dict[tuple[Any, ...], int] = {}
         self.share_noise = bool(share_noise)
         self.use_checkpoint = bool(checkpoint)
+        #: set while a second-order graph is being built (RDC's exact likelihood steps)
+        self._second_order = False
         self.nfe_per_call = len(self.timesteps) * self.num_classes
 
     # -- the diffusion loss over (sample, timestep, class) rows ------------------------------
@@ -167,19 +209,36 @@ class DiffusionClassifier(Defense):
         return self._tuned[key]
 
     def _row_errors(self, xt: Tensor, t: Tensor, y: Tensor | None, eps: Tensor) -> Tensor:
-        """||eps(x_t, t, y) - eps||^2 per row, in chunks of ``rows_per_batch``."""
+        """||eps(x_t, t, y) - eps||^2 per row, in chunks of ``rows_per_batch``. Under autograd
+        each chunk's input gradient is computed as the chunk is evaluated
+        (:class:`_RowErrorsWithGrad`: one forward and one backward per row, memory of one
+        chunk); only a graph meant for a second derivative (:meth:`_second_order_graph`) keeps
+        the chunks, checkpointed with ``checkpoint=True``."""
         out = []
         rows = self.rows_per_batch_for(xt)
+        graph = torch.is_grad_enabled() and xt.requires_grad
         for start in range(0, len(xt), rows):
             sl = slice(start, start + rows)
             args = (xt[sl], t[sl], None if y is None else y[sl], eps[sl])
-            if self.use_checkpoint and torch.is_grad_enabled() and xt.requires_grad:
+            if graph and not self._second_order:  # first order: gradients chunk by chunk
+                err = _RowErrorsWithGrad.apply(*args, self._chunk_error)
+            elif graph and self.use_checkpoint:
                 err = checkpoint(self._chunk_error, *args, use_reentrant=False)
             else:
                 err = self._chunk_error(*args)
             out.append(err)
         # an empty batch (attack libraries query one when every point is already fooled)
         return torch.cat(out) if out else xt.new_zeros(0)
+
+    @contextmanager
+    def _second_order_graph(self) -> Iterator[None]:
+        """Within: the errors keep a graph that can be differentiated twice."""
+        saved = self._second_order
+        self._second_order = True
+        try:
+            yield
+        finally:
+            self._second_order = saved
 
     def _chunk_error(self, xt: Tensor, t: Tensor, y: Tensor | None, eps: Tensor) -> Tensor:
         pred = self.denoiser.eps(xt, t, y, schedule=self.schedule)
@@ -529,10 +588,14 @@ class RobustDiffusionClassifier(DiffusionClassifier):
         return (x0 + delta).clamp(0, 1), m
 
     def _lm_grad(self, x_hat: Tensor, sigma: Tensor | None, eps: Tensor, exact: bool) -> Tensor:
-        with torch.enable_grad():
-            xh = x_hat if exact else x_hat.detach().requires_grad_(True)
-            loss = self._lm_loss(xh, sigma, eps).sum()
-            (g,) = torch.autograd.grad(loss, xh, create_graph=exact)
+        if not exact:
+            with torch.enable_grad():
+                xh = x_hat.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self._lm_loss(xh, sigma, eps).sum(), xh)
+            return g
+        with torch.enable_grad(), self._second_order_graph():
+            loss = self._lm_loss(x_hat, sigma, eps).sum()
+            (g,) = torch.autograd.grad(loss, x_hat, create_graph=True)
         return g
 
     def head(self, x: Tensor) -> Tensor:

@@ -78,6 +78,65 @@ def test_nfe_counts_batches_not_rows(optimal):
     assert dc.nfe_per_call == 100  # denoiser rows per image
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_first_order_gradients_chunk_by_chunk_equal_the_full_graph(optimal, checkpoint):
+    """First-order gradients are computed chunk by chunk as the rows are evaluated (no stored
+    graph, no recomputation): DC's cross-entropy gradient, DC's likelihood objective (Lagrange's
+    penalty) and RDC's likelihood-maximization step equal the gradient of the whole graph kept
+    at once, with 7-row chunks (the last one ragged), and each row is evaluated once (NFE)."""
+    x, y = train_points(optimal)
+    x = (x[:4] + 0.05 * torch.randn(x[:4].shape, generator=torch.Generator().manual_seed(3))
+         ).clamp(0, 1)
+    dc = RobustDiffusionClassifier(denoiser=optimal.denoiser, timesteps=5, steps=2,
+                                   rows_per_batch=7, checkpoint=checkpoint)
+
+    def grads(second_order: bool) -> list[torch.Tensor]:
+        out = []
+        with dc._second_order_graph() if second_order else contextlib.nullcontext():
+            for f in (lambda v: torch.nn.functional.cross_entropy(dc.head(v), y[:4]),
+                      lambda v: dc.likelihood_objective(v).sum(),
+                      lambda v: dc.lm_objective(v).sum()):
+                dc.reseed(11)
+                xr = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(f(xr), xr)
+                out.append(g)
+        return out
+
+    dc.denoiser.reset_nfe()
+    eager = grads(False)
+    # rows: 4 x 5 x 10 = 200 (29 chunks), 4 x 5 = 20 (3), 4 x lm_timesteps (5) = 20 (3)
+    assert dc.denoiser.reset_nfe() == 29 + 3 + 3
+    for got, want in zip(eager, grads(True), strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_chunked_gradients_keep_second_derivatives_exact(optimal):
+    """A gradient taken with ``create_graph=True`` through the chunk-by-chunk path recomputes
+    the chunks with their graph, so a second derivative (here with a second path to the input
+    beside DC's) equals the one of the whole graph kept at once."""
+    x, y = train_points(optimal)
+    dc = DiffusionClassifier(denoiser=optimal.denoiser, timesteps=3, rows_per_batch=7)
+
+    def second(second_order: bool) -> torch.Tensor:
+        dc.reseed(0)
+        xr = x[:2].clone().requires_grad_(True)
+        with dc._second_order_graph() if second_order else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(dc(xr), y[:2]) + xr.pow(3).sum()
+            (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+            (h,) = torch.autograd.grad(g.square().sum(), xr)
+        return h
+
+    want = second(True)
+    torch.testing.assert_close(second(False), want, rtol=1e-4,
+                               atol=1e-5 * float(want.abs().max()))
+    xr = x[:2].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(dc(xr), y[:2]), xr,
+                               create_graph=True)
+    (h,) = torch.autograd.grad(g.square().sum(), xr)  # DC's own curvature reaches the input
+    assert h.abs().sum() > 0
+
+
 def test_optimal_dc_is_exact_on_its_training_set(optimal):
     x, y = train_points(optimal)
     optimal.reseed(1)
