@@ -172,6 +172,47 @@ def test_gradient_diagnostics_oracles():
     assert gradient_diagnostics(noisy, x, y).cosine < 0.9
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_clean_job_diagnoses_a_budget_of_gradients():
+    """The clean job's diagnostics cost DIAG_GRADIENTS gradients of the defense: a
+    deterministic defense one per sample on DIAG_SAMPLES samples (its repeated gradients
+    would be copies), a stochastic one DIAG_REPEATS per sample on fewer samples, which still
+    finds its gradients random; masked and detached gradients are found either way."""
+    from benchmark.run.diagnostics import (
+        DIAG_GRADIENTS,
+        DIAG_REPEATS,
+        DIAG_SAMPLES,
+        safe_diagnostics,
+    )
+
+    x = torch.rand(16, 1, 16, 16)
+    y = torch.arange(16) % 10
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and v.requires_grad:
+                seen.append(len(v))  # the rows a gradient is taken of
+            return self.inner(v)
+
+    clean = safe_diagnostics(Counting(load_model("digits-cnn")), x, y)
+    assert seen == [DIAG_GRADIENTS] and clean["n"] == DIAG_SAMPLES and clean["repeats"] == 1
+    assert clean["zero_frac"] == 0 and "instability" in clean
+    seen.clear()
+    noisy = flag_toys.VeryNoisy()
+    noisy.reseed(0)
+    diag = safe_diagnostics(Counting(noisy), x, y, stochastic=True)
+    assert seen == [DIAG_GRADIENTS] and diag["repeats"] == DIAG_REPEATS
+    assert diag["n"] == DIAG_GRADIENTS // DIAG_REPEATS and diag["cosine"] < 0.9
+    assert "instability" not in diag
+    assert safe_diagnostics(flag_toys.Quantized(), x, y)["zero_frac"] == 1.0
+    assert safe_diagnostics(flag_toys.Detached(), x, y, stochastic=True)["detached"]
+
+
 def test_blackbox_rows_recognised():
     """Black-box rows are known by the plug-in's declared traits, never by name: a registered
     gradient-free attack is one whatever it is called, and an unknown name called "square"

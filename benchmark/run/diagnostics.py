@@ -18,12 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: samples and repeated gradients per sample that the clean job diagnoses. Two repeats give
-#: one cosine per sample (8 in all), enough to tell the digits' stochastic defenses (mean
-#: cosines 0.5-0.7) from the 0.9 threshold; each repeat costs a full gradient of the defense
-#: (on quick, RDC's diagnostics took 109 s at 4 repeats: a third of its automatic probes).
-DIAG_SAMPLES = 8
+#: the clean job's diagnostic budget: this many input gradients of the defense. A
+#: deterministic defense returns the same gradient on every pass (checked on forward passes
+#: before, :meth:`benchmark.spec.jobs.JobSpec.settle_randomness`), so it gets one gradient on
+#: each of DIAG_SAMPLES samples; a stochastic one gets DIAG_REPEATS per sample on
+#: DIAG_GRADIENTS // DIAG_REPEATS samples, whose pairwise cosines measure how random its
+#: gradients are. Each gradient costs a full exact gradient of the defense (RDC, T' = 10: 2.5 s
+#: on one core; 16 of them were 36% of RDC's automatic probes on quick). Four cosines tell the
+#: digits' stochastic defenses from the 0.9 threshold: per-sample cosines on the first 8
+#: quick digits, two seeds, DC 0.52-0.93, RDC v1 0.35-0.80, DiffPure 0.28-0.85; the mean of
+#: the first 4 within 0.06 of the mean of 8 and at most 0.73 (quick's T' and dt).
+DIAG_GRADIENTS = 8
 DIAG_REPEATS = 2
+#: samples of a deterministic defense's gradients and of its prediction-instability probe.
+DIAG_SAMPLES = DIAG_GRADIENTS
 #: an input-gradient l2 norm above this (inputs in [0, 1]) is "exploding".
 EXPLODING_NORM = 1e4
 #: the unstable-predictions probe: uniform noise of this width (Pintor et al.'s 8/255) and
@@ -41,7 +49,7 @@ class GradientDiagnostics:
     nonfinite_frac: float
     exploding_frac: float
     #: mean pairwise cosine similarity of repeated gradients of the same input (nan when
-    #: they are all zero); 1 for a deterministic defense.
+    #: they are all zero, or with one repeat); 1 for a deterministic defense.
     cosine: float
     #: the output does not depend on the input through autograd.
     detached: bool = False
@@ -115,13 +123,17 @@ def prediction_instability(defense: nn.Module, x: Tensor, y: Tensor, *,
 
 def safe_diagnostics(defense: nn.Module, x: Tensor, y: Tensor, *,
                      stochastic: bool = False) -> dict[str, Any]:
-    """:func:`gradient_diagnostics` on the first samples as a JSON dict, with
-    :func:`prediction_instability` (``instability``) where the defense is deterministic; a
-    defense that raises under autograd is reported, never fatal (its clean scores stand)."""
-    xs, ys = x[:DIAG_SAMPLES], y[:DIAG_SAMPLES]
+    """:func:`gradient_diagnostics` on the first samples as a JSON dict (``DIAG_GRADIENTS``
+    gradients: one per sample of a deterministic defense, ``DIAG_REPEATS`` per sample of a
+    stochastic one), with :func:`prediction_instability` (``instability``) where the defense
+    is deterministic; a defense that raises under autograd is reported, never fatal (its clean
+    scores stand)."""
+    repeats = DIAG_REPEATS if stochastic else 1
+    xs, ys = x[:DIAG_GRADIENTS // repeats], y[:DIAG_GRADIENTS // repeats]
     try:
-        out = gradient_diagnostics(defense, xs, ys).to_json()
+        out = gradient_diagnostics(defense, xs, ys, repeats=repeats).to_json()
         if not stochastic:
+            xs, ys = x[:DIAG_SAMPLES], y[:DIAG_SAMPLES]
             out["instability"] = prediction_instability(defense, xs, ys)
         return out
     except Exception as exc:  # diagnostics must never fail the clean job
