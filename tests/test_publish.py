@@ -240,6 +240,27 @@ def test_the_index_lists_script_tables_beside_published_runs(tmp_path):
     assert index.index("suite-a") < index.index("made by a script") < index.index("gallery")
 
 
+def test_hand_written_notes_survive_republishing(published):
+    """NOTES.md in a published folder is quoted above the table on every republication (a
+    banner edited into README.md would be lost), and left as it is."""
+    notes = published / "NOTES.md"
+    text = "> **Reduced budgets:** a banner <b>with markup</b> kept verbatim.\n"
+    notes.write_text(text)
+    try:
+        for _ in range(2):
+            assert main(["publish", "--run", str(published.parent.parent / "run"), "--dest",
+                         str(published.parent)]) == 0
+            readme = (published / "README.md").read_text()
+            head = readme.split("\n## ")[0]
+            assert text.strip() in head and head.index(text.strip()) < head.index("Dataset `")
+            assert notes.read_text() == text
+    finally:
+        notes.unlink()
+    assert main(["publish", "--run", str(published.parent.parent / "run"), "--dest",
+                 str(published.parent)]) == 0
+    assert "Reduced budgets" not in (published / "README.md").read_text()
+
+
 def test_rows_under_16_samples_are_labelled_smoke_checks(published):
     from benchmark.report.publish import load_run, ranked, render_readme
 
