@@ -254,6 +254,8 @@ def test_hand_written_notes_survive_republishing(published):
             head = readme.split("\n## ")[0]
             assert text.strip() in head and head.index(text.strip()) < head.index("Dataset `")
             assert notes.read_text() == text
+            page = (published / "index.html").read_text()  # as text, its markup escaped
+            assert "&lt;b&gt;with markup&lt;/b&gt;" in page and "<b>with" not in page
     finally:
         notes.unlink()
     assert main(["publish", "--run", str(published.parent.parent / "run"), "--dest",

@@ -243,6 +243,7 @@ tr:nth-child(even){background:#fafafa}
 white-space:nowrap}
 .controls{margin:1em 0}.controls label{margin-right:1.2em}
 .meta{color:#555;max-width:60em}
+.notes{white-space:pre-wrap;max-width:60em;font:inherit;background:#f6f6f6;padding:.5em}
 dl.legend dt{font-family:monospace;font-weight:bold}dl.legend dd{margin:0 0 .4em 1.5em}
 img{max-width:32em;margin:.5em 1em .5em 0;border:1px solid #ddd}
 """
@@ -351,7 +352,7 @@ def _cell(key: str, r: Any, numeric: bool) -> str:
 
 
 def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
-                plots: list[str]) -> str:
+                plots: list[str], notes: str | None = None) -> str:
     suite = plan.suite
     first = frame.iloc[0] if len(frame) else None
     tms = sorted({str(t) for t in table["threat_model"]}) if len(table) else []
@@ -390,6 +391,9 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
                    + tabulate(density_table(frame[is_density(frame)]), headers=DENSITY_HEADERS,
                               tablefmt="html").replace("<table>", '<table class="lb">', 1))
     title = f"genbench leaderboard: {suite.name}"
+    # the folder's hand-written notes, as plain text (never markup from the file)
+    notes_html = (f'<pre class="notes">{_e(notes.strip())}</pre>\n'
+                  if notes and notes.strip() else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -397,7 +401,7 @@ def render_html(frame: pd.DataFrame, table: pd.DataFrame, plan: Any,
 <body>
 <h1>{_e(title)}</h1>
 <p class="meta">{meta}</p>
-<div class="controls">
+{notes_html}<div class="controls">
 <label>threat model <select id="filter-tm"><option value="">all</option>{opts_tm}</select></label>
 <label>defense kind <select id="filter-kind"><option value="">all</option>{opts_kind}</select>
 </label>
@@ -483,7 +487,7 @@ def publish(run: str | Path, dest: str | Path = DEFAULT_DEST) -> Path:
     notes_file = out / NOTES_FILE  # hand-written: quoted on top, never overwritten
     notes = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else None
     (out / "README.md").write_text(render_readme(frame, table, plan, plots, progress, notes))
-    (out / "index.html").write_text(render_html(frame, table, plan, plots))
+    (out / "index.html").write_text(render_html(frame, table, plan, plots, notes))
     _write_index(Path(dest))
     return out
 
