@@ -24,7 +24,7 @@ from torch import Tensor, nn
 #: each of DIAG_SAMPLES samples; a stochastic one gets DIAG_REPEATS per sample on
 #: DIAG_GRADIENTS // DIAG_REPEATS samples, whose pairwise cosines measure how random its
 #: gradients are. Each gradient costs a full exact gradient of the defense (RDC, T' = 10: 2.5 s
-#: on one core; 16 of them were 36% of RDC's automatic probes on quick). Four cosines tell the
+#: on one core; 16 of them were a third of RDC's automatic probes on quick). Four cosines tell the
 #: digits' stochastic defenses from the 0.9 threshold: per-sample cosines on the first 8
 #: quick digits, two seeds, DC 0.52-0.93, RDC v1 0.35-0.80, DiffPure 0.28-0.85; the mean of
 #: the first 4 within 0.06 of the mean of 8 and at most 0.73 (quick's T' and dt).
