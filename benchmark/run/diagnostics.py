@@ -132,8 +132,7 @@ def safe_diagnostics(defense: nn.Module, x: Tensor, y: Tensor, *,
     xs, ys = x[:DIAG_GRADIENTS // repeats], y[:DIAG_GRADIENTS // repeats]
     try:
         out = gradient_diagnostics(defense, xs, ys, repeats=repeats).to_json()
-        if not stochastic:
-            xs, ys = x[:DIAG_SAMPLES], y[:DIAG_SAMPLES]
+        if not stochastic:  # on the same DIAG_SAMPLES samples
             out["instability"] = prediction_instability(defense, xs, ys)
         return out
     except Exception as exc:  # diagnostics must never fail the clean job
